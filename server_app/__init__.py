@@ -1,0 +1,1 @@
+"""Flower ServerApp: validates train replies, weights recovered states, then runs FedAvg."""
