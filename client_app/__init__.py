@@ -1,0 +1,1 @@
+"""Flower ClientApp that simulates failing handsets and base stations."""

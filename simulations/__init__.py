@@ -1,0 +1,1 @@
+"""Simulation drivers: the FedAvg comparison, the codec benchmark and their plots."""

@@ -1,0 +1,445 @@
+"""Tests of the simulated node's round (failures, recovery, memory) and of the ClientApp handler."""
+
+from __future__ import annotations
+
+import functools
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from cb_mobile.dropout import CAUSES, DeviceProfile, FailureEvent
+from cb_mobile.models import build_model
+from client_app import device_run
+from client_app.checkpointing import CheckBulletCheckpoints
+from client_app.device_run import (
+    NodeMemory,
+    PendingRecovery,
+    ReliableDevice,
+    RoundRequest,
+    RoundSettings,
+    run_round,
+)
+
+PROFILE = DeviceProfile("handset", "test", step_seconds=0.25, write_bytes_per_s=100e6, read_bytes_per_s=400e6)
+STEPS = 10
+WINDOW = 12
+FEATURES = 11
+
+
+class ScriptedDevice:
+    """A device that fails during chosen training steps, with chosen downtimes.
+
+    ``failures`` maps a step number ``s`` (from 1) to ``(cause, downtime_s)``: the
+    device fails while running step ``s``, so ``s - 1`` steps are complete.
+    Only clock advances of exactly one training step count as steps.
+    """
+
+    def __init__(self, failures: dict[int, tuple[str, float]] | None = None, clock_s: float = 0.0) -> None:
+        self.profile = PROFILE
+        self.clock_s = clock_s
+        self.failures = dict(failures or {})
+        self.step_calls = 0
+        self.down: FailureEvent | None = None
+
+    def advance(self, seconds: float, *, busy: bool) -> FailureEvent | None:
+        assert self.down is None, "advanced while down"
+        if busy and seconds == PROFILE.step_seconds:
+            self.step_calls += 1
+            if self.step_calls in self.failures:
+                cause, downtime = self.failures.pop(self.step_calls)
+                self.down = FailureEvent(self.clock_s + seconds / 2, cause, downtime)
+                self.clock_s = self.down.time_s
+                return self.down
+        self.clock_s += seconds
+        return None
+
+    def advance_until(self, time_s: float, *, busy: bool) -> FailureEvent | None:
+        return self.advance(max(time_s - self.clock_s, 0.0), busy=busy)
+
+    def restart(self, failure: FailureEvent) -> None:
+        assert failure == self.down
+        self.clock_s = failure.time_s + failure.downtime_s
+        self.down = None
+
+    def hazard_rate(self) -> float:
+        return 0.05
+
+    def battery_low(self) -> bool:
+        return False
+
+    def can_upload(self) -> bool:
+        return True
+
+    def to_json(self) -> dict[str, object]:
+        return {"format": "scripted", "clock_s": self.clock_s}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # On a loaded machine, two intra-op threads make these tiny LSTM steps ten times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def shard() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, WINDOW, FEATURES, generator=generator)
+    targets = inputs[:, -1, 0] * 0.5 + 0.1 * torch.randn(256, generator=generator)
+    return inputs, targets
+
+
+@pytest.fixture(scope="module")
+def factory() -> functools.partial:
+    return functools.partial(build_model, "lstm", num_features=FEATURES, window=WINDOW, hidden_size=8, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def global_state() -> dict[str, torch.Tensor]:
+    return build_model("lstm", num_features=FEATURES, window=WINDOW, hidden_size=8, num_layers=1, seed=7).state_dict()
+
+
+def settings_for(mode: str, **overrides: object) -> RoundSettings:
+    values: dict[str, object] = {"mode": mode, "local_steps": STEPS, "batch_size": 16, "seed": 3}
+    values.update(overrides)
+    return RoundSettings(**values)
+
+
+def play(
+    mode: str,
+    device: ScriptedDevice,
+    shard: tuple[torch.Tensor, torch.Tensor],
+    factory: functools.partial,
+    global_state: dict[str, torch.Tensor],
+    tmp_path: Path,
+    *,
+    server_round: int = 1,
+    memory: NodeMemory | None = None,
+    **overrides: object,
+) -> tuple[device_run.RoundResult, NodeMemory]:
+    memory = memory if memory is not None else NodeMemory()
+    result = run_round(
+        settings_for(mode, **overrides),
+        RoundRequest(server_round, f"r{server_round}", global_state),
+        *shard,
+        factory,
+        node_id=4,
+        store_dir=tmp_path / "node-4",
+        memory=memory,
+        events_path=tmp_path / "events.jsonl",
+        device=device,
+    )
+    return result, memory
+
+
+# -- recovery within the round ------------------------------------------------
+
+
+def test_fedavg_failure_recomputes_round(shard, factory, global_state, tmp_path):
+    result, _ = play("fedavg", ScriptedDevice({7: ("os-kill", 30.0)}), shard, factory, global_state, tmp_path)
+
+    assert result.error is None
+    assert result.metrics["steps-completed"] == STEPS
+    assert result.metrics["steps-lost"] == 6
+    assert result.metrics["recompute-time-sim-s"] == pytest.approx(6 * PROFILE.step_seconds)
+    assert result.metrics["failures"] == 1
+    assert result.metrics["recoveries"] == 1
+    assert result.metrics["checkpoint-bytes-written"] == 0
+    assert result.failures[0].resumed_step == 0
+    assert result.failures[0].recovered_from == "global model r1"
+
+
+@pytest.mark.parametrize("mode, source", [("checkbullet", "merged checkpoint"), ("full-checkpoint", "full checkpoint")])
+def test_checkpoint_failure_resumes_from_disk(mode, source, shard, factory, global_state, tmp_path):
+    result, _ = play(mode, ScriptedDevice({7: ("os-kill", 30.0)}), shard, factory, global_state, tmp_path)
+    failure = result.failures[0]
+
+    assert result.error is None
+    assert result.metrics["steps-completed"] == STEPS
+    assert failure.outcome == "recovered"
+    assert failure.step == 6
+    assert 1 <= failure.resumed_step <= 6
+    assert source in failure.recovered_from
+    assert result.metrics["steps-lost"] == 6 - failure.resumed_step
+    assert result.metrics["recovery-time-s"] > 0.0
+    assert result.metrics["recovered"] == 1
+    assert result.metrics["checkpoint-bytes-written"] > 0
+    assert result.metrics["baseline-checkpoint-bytes"] > 0
+    assert result.metrics["store-bytes"] > 0
+
+
+def test_lossless_resume_matches_uninterrupted(shard, factory, global_state, tmp_path):
+    lossless = {"codec": "lossless", "optimizer_codec": "lossless", "merge_k": 1}
+    clean, _ = play("checkbullet", ScriptedDevice(), shard, factory, global_state, tmp_path / "clean", **lossless)
+    resumed, _ = play(
+        "checkbullet", ScriptedDevice({7: ("os-kill", 5.0)}), shard, factory, global_state, tmp_path / "resumed", **lossless
+    )
+
+    assert resumed.metrics["failures"] == 1
+    for key, value in clean.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+
+
+def test_failure_drops_memory(shard, factory, global_state, tmp_path, monkeypatch):
+    trainers: list[tuple[weakref.ref, weakref.ref]] = []
+    managers: list[weakref.ref] = []
+    build_trainer = device_run.LocalTrainer.__init__
+    attach = CheckBulletCheckpoints.attach
+
+    def spy_trainer(self, *args, **kwargs):
+        build_trainer(self, *args, **kwargs)
+        trainers.append((weakref.ref(self.model), weakref.ref(self.optimizer)))
+
+    def spy_attach(self, *args, **kwargs):
+        attach(self, *args, **kwargs)
+        managers.append(weakref.ref(self.manager))
+
+    monkeypatch.setattr(device_run.LocalTrainer, "__init__", spy_trainer)
+    monkeypatch.setattr(CheckBulletCheckpoints, "attach", spy_attach)
+    result, _ = play("checkbullet", ScriptedDevice({5: ("os-kill", 5.0)}), shard, factory, global_state, tmp_path)
+
+    assert result.metrics["failures"] == 1
+    assert len(trainers) == 2
+    assert trainers[0][0]() is None
+    assert trainers[0][1]() is None
+    assert managers[0]() is None
+
+
+# -- missing the deadline -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["checkbullet", "full-checkpoint"])
+def test_missed_deadline_reports_partial_next_contact(mode, shard, factory, global_state, tmp_path):
+    device = ScriptedDevice({7: ("battery-depleted", 700.0)})
+    lost, memory = play(mode, device, shard, factory, global_state, tmp_path)
+
+    assert lost.error is not None
+    assert lost.metrics["failed"] == 1
+    assert memory.pending is not None
+    assert memory.pending.failed_step == 6
+    assert lost.failures[0].outcome == "pending"
+
+    partial, memory = play(mode, device, shard, factory, global_state, tmp_path, server_round=2, memory=memory)
+
+    assert partial.error is None
+    assert partial.metrics["partial"] == 1
+    assert partial.metrics["staleness"] == 1
+    assert partial.metrics["recoveries"] == 1
+    assert partial.metrics["failures"] == 0
+    assert 1 <= partial.metrics["steps-completed"] <= 6
+    assert partial.metrics["steps-lost"] == 6 - partial.metrics["steps-completed"]
+    assert partial.metrics["server-round"] == 2
+    assert memory.pending is None
+    assert any(not torch.equal(value, global_state[key]) for key, value in partial.state_dict.items())
+
+
+def test_fedavg_missed_deadline_loses_round(shard, factory, global_state, tmp_path):
+    device = ScriptedDevice({7: ("battery-depleted", 700.0)})
+    lost, memory = play("fedavg", device, shard, factory, global_state, tmp_path)
+
+    assert lost.error is not None
+    assert memory.pending is None
+    assert lost.failures[0].outcome == "lost"
+
+    fresh, memory = play("fedavg", device, shard, factory, global_state, tmp_path, server_round=2, memory=memory)
+
+    assert fresh.metrics["partial"] == 0
+    assert fresh.metrics["steps-completed"] == STEPS
+    assert fresh.metrics["steps-lost"] == 6
+    assert memory.unreported_steps_lost == 0
+
+
+def test_device_down_past_deadline_replies_error(shard, factory, global_state, tmp_path):
+    result, _ = play("checkbullet", ScriptedDevice(clock_s=5000.0), shard, factory, global_state, tmp_path)
+
+    assert result.error is not None
+    assert "past round 1's deadline" in result.error
+
+
+def test_events_file_records_failure_and_reply(shard, factory, global_state, tmp_path):
+    play("fedavg", ScriptedDevice({3: ("connectivity-lost", 1.0)}), shard, factory, global_state, tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+
+    assert [event["event"] for event in events] == ["failure", "reply"]
+    assert events[0]["cause"] == "connectivity-lost"
+    assert events[0]["step"] == 2
+
+
+# -- devices and memory ---------------------------------------------------------
+
+
+def test_zero_failure_scale_uses_reliable_device(shard, factory, global_state, tmp_path):
+    memory = NodeMemory()
+    result = run_round(
+        settings_for("fedavg", failure_scale=0.0),
+        RoundRequest(1, "r1", global_state),
+        *shard,
+        factory,
+        node_id=2,
+        store_dir=tmp_path / "node-2",
+        memory=memory,
+    )
+
+    assert result.error is None
+    assert memory.device["format"] == device_run.RELIABLE_DEVICE_FORMAT
+    assert ReliableDevice.from_json(memory.device).clock_s == pytest.approx(result.metrics["device-clock-s"])
+
+
+def test_real_device_fails_at_high_scale(shard, factory, global_state, tmp_path):
+    memory = NodeMemory()
+    result = run_round(
+        settings_for("fedavg", local_steps=40, failure_scale=3000.0, seed=42, handset_share=1.0),
+        RoundRequest(1, "r1", global_state),
+        *shard,
+        factory,
+        node_id=2,
+        store_dir=tmp_path / "node-2",
+        memory=memory,
+    )
+
+    assert result.failures
+    assert all(failure.cause in CAUSES for failure in result.failures)
+    assert memory.device["clock_s"] == pytest.approx(result.metrics["device-clock-s"])
+
+
+def test_node_memory_json_round_trip():
+    memory = NodeMemory(
+        device={"format": "x"},
+        pending=PendingRecovery(3, "r3", 7, 20, "battery-depleted at step 7"),
+        checkpoint_cost_s=0.2,
+        baseline_checkpoint_bytes=1234,
+        rounds_trained=2,
+        unreported_steps_lost=5,
+    )
+
+    assert NodeMemory.from_json(memory.to_json()) == memory
+
+
+def test_node_memory_rejects_other_format():
+    with pytest.raises(ValueError, match="format"):
+        NodeMemory.from_json('{"format": "something-else", "version": 1}')
+
+
+def test_round_settings_reject_unknown_mode():
+    with pytest.raises(ValueError, match="mode='sync'"):
+        RoundSettings(mode="sync")
+
+
+# -- the Flower ClientApp -------------------------------------------------------
+
+
+def train_message(global_state: dict[str, torch.Tensor], server_round: int):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(global_state),
+            "config": ConfigRecord({"server-round": server_round, "model-version": f"r{server_round}"}),
+        }
+    )
+    return Message(content, dst_node_id=11, message_type=MessageType.TRAIN)
+
+
+def node_context(run_config: dict[str, object], partition_id: int = 1):
+    from flwr.app import Context, RecordDict
+
+    return Context(
+        run_id=5,
+        node_id=11,
+        node_config={"partition-id": partition_id, "num-partitions": 6},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
+@pytest.fixture
+def app_global_state() -> dict[str, torch.Tensor]:
+    return build_model("lstm", num_features=FEATURES, window=WINDOW, hidden_size=8, seed=1).state_dict()
+
+
+def test_app_reply_passes_server_checks(server_identity, app_global_state, tmp_path):
+    from flwr.app import ArrayRecord
+
+    from client_app.app import STATE_KEY, app
+    from server_app.validation import array_specs, check_train_reply
+
+    context = node_context({"store-root": str(tmp_path), "local-steps": 4, "hidden-size": 8, "failure-scale": 0.0})
+    reply = app(train_message(app_global_state, 1), context)
+    checked = check_train_reply(reply, array_specs(ArrayRecord(app_global_state)), 1)
+
+    assert checked.metrics["steps-completed"] == 4
+    assert checked.metrics["partial"] == 0
+    assert STATE_KEY in context.state
+    assert (tmp_path / "run-5" / "events.jsonl").is_file()
+
+
+def test_app_keeps_device_clock_across_rounds(server_identity, app_global_state, tmp_path):
+    from client_app.app import app, load_memory
+
+    context = node_context({"store-root": str(tmp_path), "local-steps": 2, "hidden-size": 8, "failure-scale": 0.0})
+    app(train_message(app_global_state, 1), context)
+    first_clock = load_memory(context).device["clock_s"]
+    reply = app(train_message(app_global_state, 2), context)
+
+    assert first_clock < 600.0
+    assert reply.content["metrics"]["device-clock-s"] >= 600.0
+
+
+def test_app_error_reply_when_round_lost(server_identity, app_global_state, tmp_path):
+    from flwr.common.constant import ErrorCode
+
+    from client_app.app import app, load_memory
+
+    run_config = {
+        "store-root": str(tmp_path),
+        "mode": "checkbullet",
+        "local-steps": 40,
+        "hidden-size": 8,
+        "failure-scale": 3000.0,
+        "handset-share": 1.0,
+        "round-deadline-s": 20.0,
+    }
+    context = node_context(run_config, partition_id=2)
+    reply = app(train_message(app_global_state, 1), context)
+
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    assert "missed round 1's deadline" in reply.error.reason
+    assert load_memory(context).device is not None
+
+
+def test_unreadable_full_checkpoint_falls_back(shard, factory, global_state, tmp_path, monkeypatch):
+    from client_app.checkpointing import FullCheckpoints
+
+    save = FullCheckpoints._save
+
+    def save_then_damage(self, *args, **kwargs):
+        cost = save(self, *args, **kwargs)
+        for path in self.folder.glob("*.pt"):
+            path.write_bytes(b"not a torch file")
+        return cost
+
+    monkeypatch.setattr(FullCheckpoints, "_save", save_then_damage)
+    result, _ = play("full-checkpoint", ScriptedDevice({7: ("os-kill", 5.0)}), shard, factory, global_state, tmp_path)
+
+    assert result.error is None
+    assert result.failures[0].resumed_step == 0
+    assert result.failures[0].recovered_from == "global model r1"
+
+
+def test_app_rejects_message_without_arrays(server_identity, tmp_path):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from client_app.app import app
+
+    message = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=11, message_type=MessageType.TRAIN
+    )
+
+    with pytest.raises(ValueError, match="no ArrayRecord under 'arrays'"):
+        app(message, node_context({"store-root": str(tmp_path)}))
