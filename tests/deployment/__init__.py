@@ -1,0 +1,1 @@
+"""Tests that run the Flower app on Flower's deployment engine as real processes."""
