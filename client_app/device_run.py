@@ -116,7 +116,7 @@ class RoundSettings:
     learning_rate: float = 0.005
     optimizer: str = "adam"
     handset_share: float = 0.7
-    failure_scale: float = 1.0
+    failure_scale: float = 500.0
     codec: str = "int8"
     optimizer_codec: str = "lossless"
     merge_k: int = 2
@@ -572,11 +572,7 @@ class DeviceRound:
             failure = self.device.advance_until(self.round_start_s, busy=False)
             if failure is None:
                 break
-            logger.debug(
-                "Node %d failed while idle at t=%.0f s (%s); it had no training state, so nothing is lost",
-                self.node_id, failure.time_s, failure.cause,
-            )
-            self.device.restart(failure)
+            self._restart_idle(failure, "before the round")
 
     def _train(self) -> RoundResult:
         self.memory.pending = None
@@ -657,9 +653,21 @@ class DeviceRound:
         cost = self.backend.checkpoint_now(self.step, loss, "missed upload")
         if cost is not None:
             self._count_checkpoint(cost)
-            # The device is idle and out of time, so no failure is drawn for this write.
-            self.device.advance(cost.simulated_s, busy=False)
+            # The write has already committed on disk, so a failure during its
+            # simulated seconds loses nothing more: the device restarts and the
+            # round is lost for want of coverage either way.
+            failure = self.device.advance(cost.simulated_s, busy=False)
+            if failure is not None:
+                self._restart_idle(failure, "after its missed-upload checkpoint")
         self._lose_round(self.step, "no coverage to upload before the deadline", None)
+
+    def _restart_idle(self, failure: FailureEvent, when: str) -> None:
+        """Restart a device that failed outside training, where a failure loses no state."""
+        logger.debug(
+            "Node %d failed while idle %s at t=%.0f s (%s, down for %.0f s); nothing in memory is lost",
+            self.node_id, when, failure.time_s, failure.cause, failure.downtime_s,
+        )
+        self.device.restart(failure)
 
     # -- failure and recovery -------------------------------------------------
 

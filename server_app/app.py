@@ -16,6 +16,7 @@ from cb_mobile.data import SITES, TrafficDataset
 from cb_mobile.models import build_model
 from server_app.config import RunSettings
 from server_app.results import RunRecorder
+from server_app.resume import checkpointer_for, run_with_checkpoints
 from server_app.strategy import CheckBulletFedAvg
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated training that the run config describes."""
     _configure_logging()
+    # The server's evaluation runs a tiny model; one intra-op thread keeps it from
+    # competing for every core with the simulated nodes, as in the ClientApp.
+    torch.set_num_threads(1)
     settings = RunSettings.from_run_config(context.run_config)
     _seed_everything(settings.seed)
 
@@ -57,13 +61,18 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=settings.min_train_nodes,
         recorder=recorder,
     )
-    strategy.start(
+    # Checkpoints the server after every round; resume=true continues a killed run.
+    run_with_checkpoints(
+        strategy,
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout_s,
         train_config=ConfigRecord(train_config(settings)),
         evaluate_fn=make_evaluate_fn(dataset, model, recorder),
+        recorder=recorder,
+        checkpointer=checkpointer_for(settings),
+        resume=settings.resume,
     )
 
     recorder.complete = True

@@ -46,7 +46,7 @@ class RunSettings:
     learning_rate: float = 0.005
     optimizer: str = "adam"
     handset_share: float = 0.7
-    failure_scale: float = 1.0
+    failure_scale: float = 500.0
     codec: str = "int8"
     optimizer_codec: str = "lossless"
     merge_k: int = 2
@@ -55,6 +55,8 @@ class RunSettings:
     round_deadline_s: float = 600.0
     round_timeout_s: float = 3600.0
     results_path: str = ""
+    resume: bool = False
+    server_store: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -116,6 +118,7 @@ class RunSettings:
         check_absolute_path("data-dir", self.data_dir)
         check_absolute_path("store-root", self.store_root)
         check_absolute_path("results-path", self.results_path)
+        check_absolute_path("server-store", self.server_store)
         if self.data_dir and not Path(self.data_dir).is_dir():
             raise RunConfigError(
                 f"run config data-dir={self.data_dir!r} is not a directory; pass the "
@@ -154,7 +157,11 @@ def check_absolute_path(key: str, value: str) -> None:
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:
-    if expected is bool or isinstance(value, bool):
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise RunConfigError(f"run config {key}={value!r} is not a boolean; write true or false")
+        return value
+    if isinstance(value, bool):
         raise RunConfigError(
             f"run config {key}={value!r} is a boolean; expected {expected.__name__}"
         )

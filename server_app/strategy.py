@@ -231,12 +231,16 @@ class CheckBulletFedAvg(FedAvg):
         rejected: list[tuple[int, str]],
         errors: list[Message],
     ) -> None:
+        # FedAvg then logs its own "Received N results and 0 failures" line, which
+        # counts only the valid replies handed to it, so this line names both.
         logger.info(
-            "aggregate_train: Received %d replies: %d valid, %d rejected, %d failures",
+            "aggregate_train: Received %d replies: %d valid, %d rejected, %d failures "
+            "(FedAvg aggregates the %d valid ones)",
             received,
             valid,
             len(rejected),
             len(errors),
+            valid,
         )
         for node_id, reason in rejected:
             logger.warning(

@@ -26,15 +26,29 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 
+# Every metric the aggregation weight and the results file are built from. The
+# measured wall-clock times are optional: without them the measured overhead is null.
 REQUIRED_METRICS: tuple[str, ...] = (
     "num-examples",
     "steps-completed",
     "steps-planned",
+    "steps-lost",
+    "failed",
     "partial",
     "recovered",
     "staleness",
     "train-loss",
+    "recovery-time-s",
+    "recompute-time-sim-s",
+    "checkpoint-bytes-written",
+    "baseline-checkpoint-bytes",
+    "store-bytes",
+    "checkpoint-time-s",
+    "train-time-s",
+    "device-clock-s",
     "server-round",
+    "failures",
+    "recoveries",
 )
 FLAG_METRICS: tuple[str, ...] = ("partial", "recovered", "failed")
 COUNT_METRICS: tuple[str, ...] = (

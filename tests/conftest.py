@@ -21,6 +21,21 @@ FLWR_ENV = {
 os.environ.update(FLWR_ENV)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Run every test's torch work on one intra-op thread.
+
+    The tests train tiny models on a machine whose cores other jobs share; there two
+    threads make a small LSTM step several times slower than one.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """Root folder of the repository."""

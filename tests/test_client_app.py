@@ -307,6 +307,57 @@ def test_real_device_fails_at_high_scale(shard, factory, global_state, tmp_path)
     assert memory.device["clock_s"] == pytest.approx(result.metrics["device-clock-s"])
 
 
+class NoCoverageDevice(ScriptedDevice):
+    """A device without coverage until ``coverage_back_s`` that fails once while idle after ``idle_failure_s``."""
+
+    def __init__(self, coverage_back_s: float, idle_failure_s: float) -> None:
+        super().__init__()
+        self.coverage_back_s = coverage_back_s
+        self.idle_failure_s = idle_failure_s
+        self.idle_failures = 0
+
+    def advance(self, seconds: float, *, busy: bool) -> FailureEvent | None:
+        assert self.down is None, "advanced while down"
+        if not busy and self.clock_s >= self.idle_failure_s and self.idle_failures == 0:
+            self.idle_failures += 1
+            self.down = FailureEvent(self.clock_s, "os-kill", 5.0)
+            return self.down
+        return super().advance(seconds, busy=busy)
+
+    def can_upload(self) -> bool:
+        return self.clock_s >= self.coverage_back_s
+
+    def hazard_rate(self) -> float:
+        # Rare failures space the interval checkpoints out, so the last step is not
+        # stored yet and the missed upload writes one more checkpoint.
+        return 1e-7
+
+
+@pytest.mark.parametrize("mode", ["checkbullet", "full-checkpoint"])
+def test_idle_failure_after_missed_upload_restarts(mode, shard, factory, global_state, tmp_path):
+    deadline = 60.0
+    device = NoCoverageDevice(coverage_back_s=1e9, idle_failure_s=deadline)
+
+    result, memory = play(mode, device, shard, factory, global_state, tmp_path, round_deadline_s=deadline)
+
+    assert device.idle_failures == 1
+    assert device.down is None
+    assert "no coverage to upload" in str(result.error)
+
+
+def test_next_round_runs_after_idle_failure(shard, factory, global_state, tmp_path):
+    deadline = 60.0
+    device = NoCoverageDevice(coverage_back_s=2 * deadline, idle_failure_s=deadline)
+    _, memory = play("checkbullet", device, shard, factory, global_state, tmp_path, round_deadline_s=deadline)
+
+    result, _ = play(
+        "checkbullet", device, shard, factory, global_state, tmp_path,
+        server_round=3, memory=memory, round_deadline_s=deadline,
+    )
+
+    assert result.error is None
+
+
 def test_node_memory_json_round_trip():
     memory = NodeMemory(
         device={"format": "x"},

@@ -221,6 +221,27 @@ def test_base_run_config_merges_extra():
     assert config["merge-k"] == 3
 
 
+def test_tail_mse_averages_last_rounds():
+    results = {"rounds": [{"test_mse": 9.0}, {"test_mse": 1.0}, {"test_mse": 2.0}, {"test_mse": 3.0}]}
+
+    assert compare.tail_test_mse(results) == pytest.approx(2.0)
+
+
+def test_tail_mse_missing_value():
+    results = {"rounds": [{"test_mse": 1.0}, {"test_mse": None}]}
+
+    assert compare.tail_test_mse(results) is None
+
+
+def test_default_failure_scale_matches_app(repo_root: Path):
+    import tomllib
+
+    with open(repo_root / "pyproject.toml", "rb") as handle:
+        app_config = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+    assert compare.parse_args([]).failure_scale == app_config["failure-scale"]
+
+
 @pytest.mark.slow
 def test_compare_runs_four_scenarios(tmp_path, capsys):
     args = compare.parse_args(

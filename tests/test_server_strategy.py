@@ -275,6 +275,7 @@ def nudging_node(failing_round: int) -> Handler:
             "steps-completed": 20,
             "steps-planned": 20,
             "steps-lost": 5 * recovered,
+            "failed": recovered,
             "partial": 0,
             "recovered": recovered,
             "staleness": 0,

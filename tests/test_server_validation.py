@@ -133,6 +133,21 @@ def test_missing_metrics_rejected(train_reply, reply_metrics, specs):
     assert "missing metrics ['staleness', 'train-loss']" in reason
 
 
+@pytest.mark.parametrize("key", ["failed", "steps-lost", "failures", "recoveries", "store-bytes", "device-clock-s"])
+def test_result_metric_required(key, train_reply, reply_metrics, specs):
+    metrics = reply_metrics()
+    del metrics[key]
+
+    assert f"missing metrics ['{key}']" in rejection(train_reply(1, global_arrays(), metrics), specs)
+
+
+def test_measured_times_optional(train_reply, reply_metrics, specs):
+    metrics = reply_metrics()
+
+    assert "checkpoint-time-measured-s" not in metrics
+    assert check_train_reply(train_reply(1, global_arrays(), metrics), specs, 1).node_id == 1
+
+
 def test_no_array_record_rejected(train_reply, specs):
     reply = train_reply(1, global_arrays())
     del reply.content["arrays"]
