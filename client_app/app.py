@@ -2,7 +2,12 @@
 
 The train handler reads the node's shard and the global model from the message and
 plays the round with :func:`client_app.device_run.run_round`. It keeps the node's memory
-in ``context.state``. The reply carries the local state_dict and metrics, or an
+in ``context.state`` and in ``node-memory.json`` in the node's store folder. The file is
+written atomically at round start, with the round marked as in progress, and again at
+round end without the mark. A SuperNode process that was killed and restarted has an
+empty ``context.state``, so the node reads the file instead. A round still marked as in
+progress there becomes a pending recovery, which the node reports from its checkpoints
+at this contact. The reply carries the local state_dict and metrics, or an
 ``Error`` with code ``NODE_UNAVAILABLE`` when the device missed the round's deadline.
 
 Files on disk: every run gets ``<store-root>/run-<run id>/``. A node's checkpoints live
@@ -17,8 +22,11 @@ across nodes. ``events.jsonl`` in the run folder gets one line per failure and p
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +37,8 @@ from flwr.common.logger import ConsoleHandler
 
 from cb_mobile.data import cached_dataset
 from cb_mobile.models import build_model
-from client_app.device_run import NodeMemory, RoundRequest, RoundSettings, run_round
+from client_app.checkpointing import FULL_CHECKPOINT_SUFFIX
+from client_app.device_run import NodeMemory, PendingRecovery, RoundInProgress, RoundRequest, RoundSettings, run_round
 from server_app.config import RunSettings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,9 @@ STATE_KEY = "cb-mobile"
 STATE_FIELD = "node-memory"
 EVENTS_FILE = "events.jsonl"
 DEFAULT_STORE_DIR = "cb-mobile-stores"
+MEMORY_FILE = "node-memory.json"
+MEMORY_FILE_FORMAT = "cb_mobile.node_memory_file"
+MEMORY_FILE_VERSION = 1
 
 
 @app.train()
@@ -80,7 +92,17 @@ def train(message: Message, context: Context) -> Message:
     )
 
     run_dir = run_folder(run_settings.store_root, context.run_id)
-    memory = load_memory(context)
+    store_dir = run_dir / f"node-{partition_id}"
+    memory_path = store_dir / MEMORY_FILE
+    memory = load_memory(context, memory_path, run_id=context.run_id, node_id=partition_id)
+
+    memory.in_progress = RoundInProgress(
+        server_round=server_round,
+        model_version=request.model_version,
+        steps_planned=settings.local_steps,
+        started_unix_s=time.time(),
+    )
+    save_memory(context, memory, memory_path, run_id=context.run_id, node_id=partition_id)
     result = run_round(
         settings,
         request,
@@ -88,11 +110,12 @@ def train(message: Message, context: Context) -> Message:
         targets,
         model_factory,
         node_id=partition_id,
-        store_dir=run_dir / f"node-{partition_id}",
+        store_dir=store_dir,
         memory=memory,
         events_path=run_dir / EVENTS_FILE,
     )
-    save_memory(context, memory)
+    memory.in_progress = None
+    save_memory(context, memory, memory_path, run_id=context.run_id, node_id=partition_id)
 
     if result.error is not None:
         return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=result.error), reply_to=message)
@@ -145,6 +168,7 @@ def round_settings(run_settings: RunSettings, train_config: ConfigRecord, *, opt
         merge_k=run_settings.merge_k,
         storage_cap_bytes=run_settings.storage_cap_bytes,
         round_deadline_s=float(train_config.get("round-deadline-s", run_settings.round_deadline_s)),
+        prior_mtbf_s=run_settings.prior_mtbf_s,
     )
 
 
@@ -154,17 +178,189 @@ def run_folder(store_root: str, run_id: int) -> Path:
     return root / f"run-{run_id}"
 
 
-def load_memory(context: Context) -> NodeMemory:
-    """Return the node's memory from ``context.state``, or a fresh one on the first contact."""
+def load_memory(
+    context: Context, memory_path: Path | None = None, *, run_id: int = 0, node_id: int = 0
+) -> NodeMemory:
+    """Return the node's memory from ``context.state``, else from its memory file, else a fresh one.
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context; its ``state`` wins when it contains the memory.
+    memory_path : Path or None, default None
+        The node's ``node-memory.json``, read when ``context.state`` is empty, as after
+        a SuperNode restart. None reads only ``context.state``.
+    run_id, node_id : int, default 0
+        The run and partition the file must belong to.
+
+    Returns
+    -------
+    NodeMemory
+        A memory read from the file that still has a round in progress comes back
+        with that round as a pending recovery (see :func:`resume_interrupted_round`).
+    """
     record = context.state.get(STATE_KEY)
-    if not isinstance(record, ConfigRecord) or STATE_FIELD not in record:
-        return NodeMemory()
-    return NodeMemory.from_json(str(record[STATE_FIELD]))
+    if isinstance(record, ConfigRecord) and STATE_FIELD in record:
+        return NodeMemory.from_json(str(record[STATE_FIELD]))
+    if memory_path is None:
+        return NodeMemory(up_since_unix_s=time.time())
+
+    memory = read_memory_file(memory_path, run_id=run_id, node_id=node_id)
+    if memory is None:
+        return NodeMemory(up_since_unix_s=time.time())
+    if memory.in_progress is not None:
+        resume_interrupted_round(memory, node_id=node_id, died_after_unix_s=_newest_mtime(memory_path.parent))
+    return memory
 
 
-def save_memory(context: Context, memory: NodeMemory) -> None:
-    """Store the node's memory in ``context.state`` as a JSON string."""
+def save_memory(
+    context: Context, memory: NodeMemory, memory_path: Path | None = None, *, run_id: int = 0, node_id: int = 0
+) -> None:
+    """Store the node's memory in ``context.state`` and, when given, in its memory file.
+
+    A failed file write is logged and the round goes on, because ``context.state``
+    still holds the memory while the process lives.
+    """
     context.state[STATE_KEY] = ConfigRecord({STATE_FIELD: memory.to_json()})
+    if memory_path is None:
+        return
+    try:
+        write_memory_file(memory_path, memory, run_id=run_id, node_id=node_id)
+    except OSError as error:
+        logger.error(
+            "Node %d could not write its memory file %s (%s); a restart of its process would "
+            "train from the global model instead of its checkpoints. Free space or fix the "
+            "permissions of store-root",
+            node_id, memory_path, error,
+        )
+
+
+def write_memory_file(path: Path, memory: NodeMemory, *, run_id: int, node_id: int) -> None:
+    """Write the node memory to ``path`` atomically: temporary file, fsync, rename, fsync of the folder.
+
+    Raises
+    ------
+    OSError
+        When the folder cannot be created or the file cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "format": MEMORY_FILE_FORMAT,
+        "version": MEMORY_FILE_VERSION,
+        "run_id": run_id,
+        "node_id": node_id,
+        "memory": json.loads(memory.to_json()),
+    }
+    text = json.dumps(document, allow_nan=False) + "\n"
+    temp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def read_memory_file(path: Path, *, run_id: int, node_id: int) -> NodeMemory | None:
+    """Return the node memory stored in ``path``, or None when there is none to use.
+
+    A missing file returns None. An unreadable, corrupt or foreign file (another
+    format, run or node) is logged with its path and returns None too, so the node
+    starts fresh instead of failing.
+    """
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != MEMORY_FILE_FORMAT:
+            raise ValueError(f"it is not a {MEMORY_FILE_FORMAT!r} file")
+        if data.get("version") != MEMORY_FILE_VERSION:
+            raise ValueError(f"its version is {data.get('version')!r}, expected {MEMORY_FILE_VERSION}")
+        if data.get("run_id") != run_id or data.get("node_id") != node_id:
+            raise ValueError(
+                f"it belongs to run {data.get('run_id')!r} node {data.get('node_id')!r}, not run {run_id} node {node_id}"
+            )
+        return NodeMemory.from_json(json.dumps(data["memory"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        logger.error(
+            "Node %d ignores its memory file %s and starts with a fresh memory: %s. "
+            "Its checkpoints stay on disk; delete the file to silence this message",
+            node_id, path, error,
+        )
+        return None
+
+
+def resume_interrupted_round(memory: NodeMemory, *, node_id: int, died_after_unix_s: float | None = None) -> None:
+    """Turn the round a killed process left in progress into a pending recovery.
+
+    The uptime before the restart is added to ``memory.observed_uptimes_s``, so the
+    interval policy counts the restart as a failure. An older pending recovery stays,
+    because that round's state has not been reported yet and the interrupted round
+    never trained past it.
+
+    Parameters
+    ----------
+    memory : NodeMemory
+        Memory read from the node's file, with ``in_progress`` set; updated in place.
+    node_id : int
+        The node's partition id, for the log.
+    died_after_unix_s : float or None, default None
+        A time the process was still alive, such as the newest file it wrote. The
+        round's start time is used when it is None or earlier.
+    """
+    interrupted = memory.in_progress
+    assert interrupted is not None
+    memory.in_progress = None
+    now = time.time()
+
+    alive_until = max(interrupted.started_unix_s, died_after_unix_s or 0.0)
+    up_since = memory.up_since_unix_s if memory.up_since_unix_s is not None else interrupted.started_unix_s
+    uptime_s = max(alive_until - up_since, 0.0)
+    memory.observed_uptimes_s.append(uptime_s)
+    memory.up_since_unix_s = now
+
+    if memory.pending is not None:
+        logger.warning(
+            "Node %d restarted during round %d; it reports round %d's stored state first (up %.0f s before the restart)",
+            node_id, interrupted.server_round, memory.pending.server_round, uptime_s,
+        )
+        return
+
+    # NOTE: the killed process's last step is not on disk, so steps lost after its
+    # newest checkpoint are not counted: failed_step 0 counts none.
+    memory.pending = PendingRecovery(
+        server_round=interrupted.server_round,
+        model_version=interrupted.model_version,
+        failed_step=0,
+        steps_planned=interrupted.steps_planned,
+        cause="node process restarted",
+    )
+    logger.warning(
+        "Node %d restarted during round %d (model version %r, up %.0f s before the restart); "
+        "it reports that round's stored state at this contact",
+        node_id, interrupted.server_round, interrupted.model_version, uptime_s,
+    )
+
+
+def _newest_mtime(store_dir: Path) -> float | None:
+    """Return the newest modification time of a checkpoint in ``store_dir``, or None."""
+    paths = [*store_dir.glob("devices/*/manifests/*"), *store_dir.glob(f"*{FULL_CHECKPOINT_SUFFIX}")]
+    times = []
+    for path in paths:
+        try:
+            times.append(path.stat().st_mtime)
+        except FileNotFoundError:
+            continue  # evicted or replaced while being listed
+    return max(times, default=None)
 
 
 def _configure_logging() -> None:

@@ -23,6 +23,7 @@ import pickle
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from cb_mobile.store import CheckpointStore, CommitResult
 logger = logging.getLogger(__name__)
 
 FULL_CHECKPOINT_SUFFIX = ".pt"
+DEFAULT_PRIOR_MTBF_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,52 @@ class RestoredState:
     simulated_s: float
 
 
+def build_interval_policy(
+    profile: DeviceProfile,
+    hazard_rate: float | None,
+    checkpoint_cost_s: float | None,
+    prior_mtbf_s: float,
+    observed_uptimes_s: Sequence[float],
+    *,
+    device_id: str,
+) -> IntervalPolicy:
+    """Return the interval policy of one round, told every failure the node has observed.
+
+    Parameters
+    ----------
+    profile : DeviceProfile
+        Its ``step_seconds`` is the initial step time estimate.
+    hazard_rate : float or None
+        Failures per second from the device's failure model; None estimates the rate
+        from ``prior_mtbf_s`` and ``observed_uptimes_s``.
+    checkpoint_cost_s : float or None
+        Smoothed checkpoint cost of earlier rounds, in simulated seconds.
+    prior_mtbf_s : float
+        Prior mean time between failures in seconds.
+    observed_uptimes_s : Sequence[float]
+        Seconds the node was up before each observed failure.
+    device_id : str
+        Device id for the log.
+    """
+    # NOTE: observed uptimes are wall-clock seconds of real process restarts, while
+    # step and checkpoint times are on the device clock. Both are the same on a real
+    # device; on a simulated profile the estimated rate mixes the two clocks.
+    policy = IntervalPolicy(
+        hazard_rate,
+        checkpoint_cost_s=checkpoint_cost_s,
+        step_seconds=profile.step_seconds,
+        prior_mtbf_s=prior_mtbf_s,
+    )
+    for uptime_s in observed_uptimes_s:
+        policy.observe_failure(uptime_s)
+    if hazard_rate is None:
+        logger.debug(
+            "Device %s interval policy: %d observed failure(s), estimated hazard rate %.3g per s",
+            device_id, len(observed_uptimes_s), policy.hazard_rate,
+        )
+    return policy
+
+
 def full_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Return the size of ``torch.save`` of the fp32 model and optimizer state_dicts.
 
@@ -121,16 +169,23 @@ class CheckpointBackend(ABC):
         *,
         server_round: int,
         model_version: str,
-        hazard_rate: float,
+        hazard_rate: float | None,
         checkpoint_cost_s: float | None,
+        prior_mtbf_s: float = DEFAULT_PRIOR_MTBF_S,
+        observed_uptimes_s: Sequence[float] = (),
     ) -> None:
-        """Start checkpointing a new model and optimizer for one round's model version."""
+        """Start checkpointing a new model and optimizer for one round's model version.
+
+        ``hazard_rate`` None lets the interval policy estimate the hazard rate from
+        ``prior_mtbf_s`` and ``observed_uptimes_s``, the uptimes before the node's
+        observed failures.
+        """
 
     def detach(self) -> None:
         """Drop every in-memory object; the files on disk stay."""
 
     def after_step(
-        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float, battery_low: bool
+        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float | None, battery_low: bool
     ) -> CheckpointCost | None:
         """Account one finished step; return the cost of a checkpoint taken after it, if any."""
         return None
@@ -212,11 +267,15 @@ class CheckBulletCheckpoints(CheckpointBackend):
         *,
         server_round: int,
         model_version: str,
-        hazard_rate: float,
+        hazard_rate: float | None,
         checkpoint_cost_s: float | None,
+        prior_mtbf_s: float = DEFAULT_PRIOR_MTBF_S,
+        observed_uptimes_s: Sequence[float] = (),
     ) -> None:
         """Open the node's store and build a CheckpointManager around ``model`` and ``optimizer``."""
-        policy = IntervalPolicy(hazard_rate, checkpoint_cost_s=checkpoint_cost_s, step_seconds=self.profile.step_seconds)
+        policy = build_interval_policy(
+            self.profile, hazard_rate, checkpoint_cost_s, prior_mtbf_s, observed_uptimes_s, device_id=self.device_id
+        )
         store = CheckpointStore(self.store_dir, device_id=self.device_id, cap_bytes=self.cap_bytes)
         self.manager = CheckpointManager(
             store,
@@ -249,11 +308,12 @@ class CheckBulletCheckpoints(CheckpointBackend):
         return self.manager
 
     def after_step(
-        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float, battery_low: bool
+        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float | None, battery_low: bool
     ) -> CheckpointCost | None:
         """Feed the step to the manager; checkpoint on its interval or at once on a low battery."""
         manager = self._require_manager()
-        manager.policy.set_hazard_rate(hazard_rate)
+        if hazard_rate is not None:
+            manager.policy.set_hazard_rate(hazard_rate)
         self._call_started = time.perf_counter()
         result = manager.step(loss, data_position=step, step_seconds=step_seconds)
 
@@ -360,13 +420,17 @@ class FullCheckpoints(CheckpointBackend):
         *,
         server_round: int,
         model_version: str,
-        hazard_rate: float,
+        hazard_rate: float | None,
         checkpoint_cost_s: float | None,
+        prior_mtbf_s: float = DEFAULT_PRIOR_MTBF_S,
+        observed_uptimes_s: Sequence[float] = (),
     ) -> None:
         """Keep references to the model and optimizer and build a fresh interval policy."""
         self.model = model
         self.optimizer = optimizer
-        self.policy = IntervalPolicy(hazard_rate, checkpoint_cost_s=checkpoint_cost_s, step_seconds=self.profile.step_seconds)
+        self.policy = build_interval_policy(
+            self.profile, hazard_rate, checkpoint_cost_s, prior_mtbf_s, observed_uptimes_s, device_id=self.device_id
+        )
         self.server_round = server_round
         self.model_version = model_version
         self._steps_since_checkpoint = 0
@@ -389,12 +453,13 @@ class FullCheckpoints(CheckpointBackend):
                 path.unlink(missing_ok=True)
 
     def after_step(
-        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float, battery_low: bool
+        self, step: int, loss: float, *, step_seconds: float, hazard_rate: float | None, battery_low: bool
     ) -> CheckpointCost | None:
         """Feed the policy; save on its interval or at once on a low battery."""
         policy = self._require_policy()
         policy.observe_step(step_seconds)
-        policy.set_hazard_rate(hazard_rate)
+        if hazard_rate is not None:
+            policy.set_hazard_rate(hazard_rate)
         self._steps_since_checkpoint += 1
 
         if not battery_low:

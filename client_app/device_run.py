@@ -107,6 +107,10 @@ class RoundSettings:
         CheckBullet storage cap per node in bytes; 0 means no cap.
     round_deadline_s : float
         Simulated seconds a round lasts on the device clock.
+    prior_mtbf_s : float
+        Prior mean time between failures of the interval policy, in seconds. It sets
+        the interval on a device without a failure model (``failure_scale == 0``),
+        blended with the restarts the node has observed.
     """
 
     mode: str = "checkbullet"
@@ -122,6 +126,7 @@ class RoundSettings:
     merge_k: int = 2
     storage_cap_bytes: int = 2_000_000
     round_deadline_s: float = 600.0
+    prior_mtbf_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -136,6 +141,8 @@ class RoundSettings:
             raise ValueError(f"round_deadline_s={self.round_deadline_s} is invalid; use seconds > 0")
         if not (math.isfinite(self.failure_scale) and self.failure_scale >= 0.0):
             raise ValueError(f"failure_scale={self.failure_scale} is invalid; use a number >= 0")
+        if not (math.isfinite(self.prior_mtbf_s) and self.prior_mtbf_s > 0.0):
+            raise ValueError(f"prior_mtbf_s={self.prior_mtbf_s} is invalid; use seconds > 0")
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,20 @@ class PendingRecovery:
 
 
 @dataclass
+class RoundInProgress:
+    """A round the node started training; cleared when the round ends.
+
+    A node memory that still has it after a process restart means the process died
+    during that round.
+    """
+
+    server_round: int
+    model_version: str
+    steps_planned: int
+    started_unix_s: float
+
+
+@dataclass
 class NodeMemory:
     """Everything a node keeps between rounds, stored as JSON in ``context.state``.
 
@@ -186,6 +207,14 @@ class NodeMemory:
         Rounds in which the node replied with a trained state.
     unreported_steps_lost : int
         Steps lost in rounds that ended with an error reply, reported in the next reply.
+    in_progress : RoundInProgress or None
+        The round being trained, set at round start and cleared at round end.
+    up_since_unix_s : float or None
+        Wall-clock time (Unix seconds) of the node's first contact or of its last
+        observed restart.
+    observed_uptimes_s : list of float
+        Wall-clock seconds the node was up before each observed process restart. The
+        interval policy counts each as one failure.
     """
 
     device: dict[str, Any] | None = None
@@ -194,6 +223,9 @@ class NodeMemory:
     baseline_checkpoint_bytes: int | None = None
     rounds_trained: int = 0
     unreported_steps_lost: int = 0
+    in_progress: RoundInProgress | None = None
+    up_since_unix_s: float | None = None
+    observed_uptimes_s: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
         """Return the memory as a JSON string."""
@@ -215,20 +247,30 @@ class NodeMemory:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"node memory is not valid JSON ({error}); clear the node's context.state") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"node memory is a JSON {type(data).__name__}, not an object")
         if data.get("format") != NODE_MEMORY_FORMAT or data.get("version") != NODE_MEMORY_VERSION:
             raise ValueError(
                 f"node memory has format {data.get('format')!r} version {data.get('version')!r}; "
                 f"expected {NODE_MEMORY_FORMAT!r} version {NODE_MEMORY_VERSION}"
             )
         pending = data.get("pending")
-        return cls(
-            device=data.get("device"),
-            pending=None if pending is None else PendingRecovery(**pending),
-            checkpoint_cost_s=data.get("checkpoint_cost_s"),
-            baseline_checkpoint_bytes=data.get("baseline_checkpoint_bytes"),
-            rounds_trained=int(data.get("rounds_trained", 0)),
-            unreported_steps_lost=int(data.get("unreported_steps_lost", 0)),
-        )
+        in_progress = data.get("in_progress")
+        up_since = data.get("up_since_unix_s")
+        try:
+            return cls(
+                device=data.get("device"),
+                pending=None if pending is None else PendingRecovery(**pending),
+                checkpoint_cost_s=data.get("checkpoint_cost_s"),
+                baseline_checkpoint_bytes=data.get("baseline_checkpoint_bytes"),
+                rounds_trained=int(data.get("rounds_trained", 0)),
+                unreported_steps_lost=int(data.get("unreported_steps_lost", 0)),
+                in_progress=None if in_progress is None else RoundInProgress(**in_progress),
+                up_since_unix_s=None if up_since is None else float(up_since),
+                observed_uptimes_s=[float(value) for value in data.get("observed_uptimes_s", [])],
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"node memory has an invalid field: {error}") from None
 
 
 @dataclass
@@ -537,6 +579,18 @@ class DeviceRound:
             return FullCheckpoints(self.profile, self.store_dir, device_id=device_id)
         return NoCheckpoints(self.profile)
 
+    def _policy_hazard_rate(self) -> float | None:
+        """Return the hazard rate the interval policy is told, or None to let it estimate one.
+
+        A simulated device knows its hazard rate from its failure model. A reliable
+        device (failure scale 0) stands for a real one whose failures are unknown in
+        advance, so its policy estimates the rate from ``prior_mtbf_s`` and the
+        node's observed restarts.
+        """
+        if isinstance(self.device, ReliableDevice):
+            return None
+        return self.device.hazard_rate()
+
     # -- the round ----------------------------------------------------------
 
     def run(self) -> RoundResult:
@@ -611,7 +665,7 @@ class DeviceRound:
             self.step,
             loss,
             step_seconds=step_seconds,
-            hazard_rate=self.device.hazard_rate(),
+            hazard_rate=self._policy_hazard_rate(),
             battery_low=self.device.battery_low(),
         )
         self._charge_checkpoint(cost)
@@ -852,8 +906,10 @@ class DeviceRound:
             self.trainer.optimizer,
             server_round=server_round,
             model_version=model_version,
-            hazard_rate=self.device.hazard_rate(),
+            hazard_rate=self._policy_hazard_rate(),
             checkpoint_cost_s=self.memory.checkpoint_cost_s,
+            prior_mtbf_s=self.settings.prior_mtbf_s,
+            observed_uptimes_s=tuple(self.memory.observed_uptimes_s),
         )
 
     def _require_trainer(self) -> LocalTrainer:

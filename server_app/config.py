@@ -47,6 +47,7 @@ class RunSettings:
     optimizer: str = "adam"
     handset_share: float = 0.7
     failure_scale: float = 500.0
+    prior_mtbf_s: float = 3600.0
     codec: str = "int8"
     optimizer_codec: str = "lossless"
     merge_k: int = 2
@@ -105,6 +106,7 @@ class RunSettings:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("handset-share", 0.0 <= self.handset_share <= 1.0, "a fraction in [0, 1]"),
             ("failure-scale", self.failure_scale >= 0.0, "a number >= 0"),
+            ("prior-mtbf-s", self.prior_mtbf_s > 0.0, "seconds > 0"),
             ("merge-k", self.merge_k >= 1, "an integer >= 1"),
             ("storage-cap-bytes", self.storage_cap_bytes >= 0, "an integer >= 0"),
             ("round-deadline-s", self.round_deadline_s > 0.0, "seconds > 0"),

@@ -159,6 +159,56 @@ class RunRecorder:
         if "store-bytes" in metrics:
             self._store_bytes[node_id] = int(metrics["store-bytes"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything the recorder has counted, as a JSON-ready dict.
+
+        The header, path and ``complete`` flag are left out, because a resumed run
+        writes its own header and is not complete until its last round.
+        :meth:`load_state_dict` reads the dict back.
+        """
+        return {
+            "rounds": [asdict(self.rounds[key]) for key in sorted(self.rounds)],
+            "num_nodes": self.num_nodes,
+            "initial_test": dict(self.initial_test),
+            "final_test": dict(self.final_test),
+            "sums": dict(self._sums),
+            "store_bytes": {str(node_id): size for node_id, size in self._store_bytes.items()},
+            "recovery_times": list(self._recovery_times),
+            "recompute_times": list(self._recompute_times),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace what the recorder has counted with :meth:`state_dict` output.
+
+        Nothing changes when ``state`` is invalid.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` lacks a field, a round record has unknown fields, or a
+            value has the wrong type.
+        """
+        try:
+            rounds = [RoundRecord(**record) for record in state["rounds"]]
+            num_nodes = int(state["num_nodes"])
+            initial_test = dict(state["initial_test"])
+            final_test = dict(state["final_test"])
+            sums = {key: state["sums"][key] for key in self._sums}
+            store_bytes = {int(node): int(size) for node, size in state["store_bytes"].items()}
+            recovery_times = [float(value) for value in state["recovery_times"]]
+            recompute_times = [float(value) for value in state["recompute_times"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"recorder state is invalid: {error!r}") from error
+
+        self.rounds = {record.round: record for record in rounds}
+        self.num_nodes = num_nodes
+        self.initial_test = initial_test
+        self.final_test = final_test
+        self._sums.update(sums)
+        self._store_bytes = store_bytes
+        self._recovery_times = recovery_times
+        self._recompute_times = recompute_times
+
     def record_evaluation(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Record the global model's test metrics after a round (round 0: initial model)."""
         if server_round == 0:

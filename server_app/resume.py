@@ -31,7 +31,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,15 @@ from cb_mobile.state import (
 )
 from cb_mobile.store import CheckpointStore, CommitResult
 from server_app.config import RunSettings
-from server_app.results import RoundRecord, RunRecorder
+from server_app.results import RunRecorder
 
 logger = logging.getLogger(__name__)
 
 SERVER_DEVICE_ID = "server"
 KEEP_CHECKPOINTS = 3
 """Newest server checkpoints kept; older ones are deleted after each commit."""
-SERVER_STORE_DIR = "server-store"
+SERVER_STORE_SUFFIX = ".server-store"
+"""Suffix of the default server store, which replaces the results file's ``.json``."""
 
 FINGERPRINT_IGNORED: tuple[str, ...] = (
     "resume",
@@ -72,7 +73,9 @@ FINGERPRINT_IGNORED: tuple[str, ...] = (
 """Run config keys that may differ between a killed run and its resumed run."""
 
 RESULTS_TENSOR_PREFIX = "results/"
-_RESULT_LISTS = {"recovery_times": "_recovery_times", "recompute_times": "_recompute_times"}
+# Keys of RunRecorder.state_dict() whose lists of floats grow with every recovery;
+# they are stored as float64 tensors instead of in the JSON meta.
+_RESULT_LISTS: tuple[str, ...] = ("recovery_times", "recompute_times")
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -137,22 +140,8 @@ def arrays_digest(arrays: ArrayRecord) -> str:
 
 
 def recorder_state(recorder: RunRecorder) -> dict[str, Any]:
-    """Return everything a `RunRecorder` has counted, as a JSON-ready dict.
-
-    The header, path and ``complete`` flag are left out: a resumed run writes its
-    own header and is not complete until its last round.
-    """
-    # NOTE: this reads RunRecorder's private counters. A state_dict() and
-    # load_state_dict() pair on RunRecorder would keep both sides in one file.
-    return {
-        "rounds": [asdict(recorder.rounds[key]) for key in sorted(recorder.rounds)],
-        "num_nodes": recorder.num_nodes,
-        "initial_test": dict(recorder.initial_test),
-        "final_test": dict(recorder.final_test),
-        "sums": dict(recorder._sums),
-        "store_bytes": {str(node_id): size for node_id, size in recorder._store_bytes.items()},
-        **{name: list(getattr(recorder, attribute)) for name, attribute in _RESULT_LISTS.items()},
-    }
+    """Return `RunRecorder.state_dict` of ``recorder``: everything it has counted, JSON-ready."""
+    return recorder.state_dict()
 
 
 def restore_recorder(recorder: RunRecorder, results: Mapping[str, Any]) -> None:
@@ -164,18 +153,10 @@ def restore_recorder(recorder: RunRecorder, results: Mapping[str, Any]) -> None:
         When ``results`` lacks a field or a round record has unknown fields.
     """
     try:
-        rounds = [RoundRecord(**record) for record in results["rounds"]]
-        recorder.rounds = {record.round: record for record in rounds}
-        recorder.num_nodes = int(results["num_nodes"])
-        recorder.initial_test = dict(results["initial_test"])
-        recorder.final_test = dict(results["final_test"])
-        recorder._sums.update(results["sums"])
-        recorder._store_bytes = {int(node): int(size) for node, size in results["store_bytes"].items()}
-        for name, attribute in _RESULT_LISTS.items():
-            setattr(recorder, attribute, [float(value) for value in results[name]])
-    except (KeyError, TypeError, ValueError) as error:
+        recorder.load_state_dict(results)
+    except ValueError as error:
         raise CorruptCheckpointError(
-            f"the results in the server checkpoint are incomplete ({error!r}); "
+            f"the results in the server checkpoint are incomplete ({error}); "
             "resume from another checkpoint or start the run again with resume=false"
         ) from error
 
@@ -252,7 +233,7 @@ class ServerCheckpointer:
             When the state cannot be stored, for example a full disk (`StoreWriteError`).
         """
         tensors, meta = flatten_state(_training_state(state))
-        for name, attribute in _RESULT_LISTS.items():
+        for name in _RESULT_LISTS:
             values = state.results.get(name, [])
             tensors[RESULTS_TENSOR_PREFIX + name] = torch.tensor(values, dtype=torch.float64)
 
@@ -515,13 +496,18 @@ def run_with_checkpoints(
 
 
 def server_store_path(settings: RunSettings) -> Path:
-    """Return the server store folder: ``server-store``, or ``server-store/`` beside the results file."""
+    """Return the server store folder: ``server-store``, or one named after the results file.
+
+    The default for ``results/checkbullet-seed42.json`` is
+    ``results/checkbullet-seed42.server-store``, so runs that write their results
+    into the same folder never share, and never clear, each other's server checkpoints.
+    """
     if settings.server_store:
         return Path(settings.server_store)
 
-    # NOTE: runs whose results files share a folder (the default results/) share this
-    # store too, so a fresh run there deletes the server checkpoints of the others.
-    return settings.resolved_results_path().parent / SERVER_STORE_DIR
+    results_path = settings.resolved_results_path()
+    stem = results_path.name.removesuffix(".json")
+    return results_path.with_name(stem + SERVER_STORE_SUFFIX)
 
 
 def checkpointer_for(settings: RunSettings) -> ServerCheckpointer:

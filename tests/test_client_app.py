@@ -494,3 +494,179 @@ def test_app_rejects_message_without_arrays(server_identity, tmp_path):
 
     with pytest.raises(ValueError, match="no ArrayRecord under 'arrays'"):
         app(message, node_context({"store-root": str(tmp_path)}))
+
+
+# -- node memory file and process restarts ----------------------------------------
+
+
+def memory_file(tmp_path: Path, partition_id: int = 1) -> Path:
+    return tmp_path / "run-5" / f"node-{partition_id}" / "node-memory.json"
+
+
+def checkbullet_config(tmp_path: Path) -> dict[str, object]:
+    return {"store-root": str(tmp_path), "mode": "checkbullet", "local-steps": 6, "hidden-size": 8, "failure-scale": 0.0}
+
+
+def test_app_writes_memory_file(server_identity, app_global_state, tmp_path):
+    from client_app.app import app
+
+    app(train_message(app_global_state, 1), node_context(checkbullet_config(tmp_path)))
+    document = json.loads(memory_file(tmp_path).read_text(encoding="utf-8"))
+
+    assert document["run_id"] == 5
+    assert document["node_id"] == 1
+    assert document["memory"]["in_progress"] is None
+    assert document["memory"]["device"]["clock_s"] > 0.0
+
+
+def test_app_memory_file_marks_round_in_progress(server_identity, app_global_state, tmp_path, monkeypatch):
+    from client_app import app as app_module
+
+    seen: list[dict[str, object]] = []
+
+    def spy_run_round(*args, **kwargs):
+        seen.append(json.loads(memory_file(tmp_path).read_text(encoding="utf-8"))["memory"]["in_progress"])
+        return device_run.run_round(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "run_round", spy_run_round)
+    app_module.app(train_message(app_global_state, 1), node_context(checkbullet_config(tmp_path)))
+
+    assert seen[0]["server_round"] == 1
+    assert seen[0]["model_version"] == "r1"
+    assert seen[0]["steps_planned"] == 6
+
+
+def test_memory_restored_when_state_empty(server_identity, app_global_state, tmp_path):
+    from client_app.app import app, load_memory
+
+    first = node_context(checkbullet_config(tmp_path))
+    app(train_message(app_global_state, 1), first)
+    restored = load_memory(node_context({}), memory_file(tmp_path), run_id=5, node_id=1)
+
+    assert restored.device == load_memory(first).device
+    assert restored.rounds_trained == 1
+    assert restored.pending is None
+
+
+def test_interrupted_round_reported_from_store(server_identity, app_global_state, tmp_path, monkeypatch):
+    from client_app import app as app_module
+
+    class ProcessKilled(BaseException):
+        pass
+
+    def train_then_die(*args, **kwargs):
+        device_run.run_round(*args, **kwargs)
+        raise ProcessKilled
+
+    # The first process trains round 1 and dies before it replies, so its memory
+    # file still marks the round as in progress.
+    monkeypatch.setattr(app_module, "run_round", train_then_die)
+    with pytest.raises(ProcessKilled):
+        app_module.app(train_message(app_global_state, 1), node_context(checkbullet_config(tmp_path)))
+    monkeypatch.setattr(app_module, "run_round", device_run.run_round)
+    store_dir = memory_file(tmp_path).parent
+    committed = {
+        json.loads(path.read_text(encoding="utf-8"))["meta"]["step"]
+        for path in store_dir.glob("devices/*/manifests/*.json")
+    }
+
+    reply = app_module.app(train_message(app_global_state, 2), node_context(checkbullet_config(tmp_path)))
+    metrics = reply.content["metrics"]
+    events = [json.loads(line) for line in (tmp_path / "run-5" / "events.jsonl").read_text().splitlines()]
+
+    assert metrics["partial"] == 1
+    assert metrics["recovered"] == 1
+    assert metrics["staleness"] >= 1
+    assert metrics["steps-completed"] in committed
+    assert any(event["event"] == "recovery" and event["from_round"] == 1 for event in events)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": "other"}', "[1, 2]"])
+def test_corrupt_memory_file_starts_fresh(server_identity, app_global_state, tmp_path, caplog, content):
+    from client_app.app import app
+
+    path = memory_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(content, encoding="utf-8")
+
+    with caplog.at_level("ERROR", logger="client_app.app"):
+        reply = app(train_message(app_global_state, 1), node_context(checkbullet_config(tmp_path)))
+
+    assert not reply.has_error()
+    assert reply.content["metrics"]["partial"] == 0
+    assert str(path) in caplog.text
+
+
+def test_foreign_memory_file_starts_fresh(tmp_path, caplog):
+    from client_app.app import read_memory_file, write_memory_file
+
+    path = memory_file(tmp_path)
+    write_memory_file(path, NodeMemory(rounds_trained=3), run_id=9, node_id=1)
+
+    with caplog.at_level("ERROR", logger="client_app.app"):
+        memory = read_memory_file(path, run_id=5, node_id=1)
+
+    assert memory is None
+    assert "run 9" in caplog.text
+
+
+def test_restart_counts_uptime_as_failure():
+    from client_app.app import resume_interrupted_round
+    from client_app.device_run import RoundInProgress
+
+    memory = NodeMemory(up_since_unix_s=1000.0, in_progress=RoundInProgress(2, "r2", 20, 1100.0))
+    resume_interrupted_round(memory, node_id=1, died_after_unix_s=1150.0)
+
+    assert memory.observed_uptimes_s == [150.0]
+    assert memory.in_progress is None
+    assert memory.pending.server_round == 2
+    assert memory.pending.model_version == "r2"
+
+
+def test_restart_keeps_older_pending(tmp_path):
+    from client_app.app import resume_interrupted_round
+    from client_app.device_run import RoundInProgress
+
+    older = PendingRecovery(1, "r1", 5, 20, "battery-depleted")
+    memory = NodeMemory(pending=older, up_since_unix_s=0.0, in_progress=RoundInProgress(2, "r2", 20, 50.0))
+    resume_interrupted_round(memory, node_id=1)
+
+    assert memory.pending == older
+
+
+def test_policy_observes_restarts():
+    from client_app.checkpointing import build_interval_policy
+
+    policy = build_interval_policy(PROFILE, None, 0.01, 100.0, [40.0, 60.0], device_id="node-1")
+
+    assert policy.failures == 2
+    assert policy.hazard_rate == pytest.approx(3 / 200.0)
+
+
+def test_policy_keeps_model_hazard_rate():
+    from client_app.checkpointing import build_interval_policy
+
+    policy = build_interval_policy(PROFILE, 0.5, 0.01, 100.0, [40.0], device_id="node-1")
+
+    assert policy.hazard_rate == 0.5
+
+
+def test_reliable_device_interval_follows_prior_mtbf(shard, factory, global_state, tmp_path):
+    device_short = ReliableDevice(4, PROFILE)
+    device_long = ReliableDevice(4, PROFILE)
+    cost = NodeMemory(checkpoint_cost_s=0.001)
+    short, _ = play(
+        "checkbullet", device_short, shard, factory, global_state, tmp_path / "short", memory=cost, prior_mtbf_s=0.01
+    )
+    long, _ = play(
+        "checkbullet", device_long, shard, factory, global_state, tmp_path / "long",
+        memory=NodeMemory(checkpoint_cost_s=0.001), prior_mtbf_s=1e9,
+    )
+
+    assert short.metrics["checkpoints"] > long.metrics["checkpoints"]
+    assert long.metrics["checkpoints"] == 0
+
+
+def test_round_settings_reject_zero_prior_mtbf():
+    with pytest.raises(ValueError, match="prior_mtbf_s=0.0"):
+        RoundSettings(prior_mtbf_s=0.0)

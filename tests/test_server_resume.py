@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from cb_mobile.codec import LosslessCodec
-from cb_mobile.errors import CheckpointError
+from cb_mobile.errors import CheckpointError, CorruptCheckpointError
 from cb_mobile.state import restore_rng_state
 from cb_mobile.store import CheckpointStore
 from server_app.config import RunConfigError, RunSettings
@@ -271,10 +271,49 @@ def test_relative_server_store_is_rejected():
         RunSettings.from_run_config({"server-store": "server-store"})
 
 
-def test_default_server_store_beside_results(tmp_path: Path):
+def test_default_server_store_named_after_results(tmp_path: Path):
     settings = RunSettings(results_path=str(tmp_path / "out" / "run.json"))
 
-    assert server_store_path(settings) == tmp_path / "out" / "server-store"
+    assert server_store_path(settings) == tmp_path / "out" / "run.server-store"
+
+
+def test_default_server_store_differs_per_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("CB_MOBILE_BASE_DIR", str(tmp_path))
+
+    checkbullet = server_store_path(RunSettings(mode="checkbullet"))
+    fedavg = server_store_path(RunSettings(mode="fedavg"))
+
+    assert checkbullet == tmp_path / "results" / "checkbullet-seed42.server-store"
+    assert fedavg != checkbullet
+
+
+def test_recorder_state_dict_round_trip(tmp_path: Path):
+    original = _recorder(tmp_path, 3)
+    restored = RunRecorder(tmp_path / "restored.json", {"mode": "checkbullet"})
+
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+
+    assert restored.to_dict() == original.to_dict()
+
+
+def test_recorder_load_state_dict_rejects_missing_field(tmp_path: Path):
+    state = _recorder(tmp_path, 1).state_dict()
+    del state["sums"]
+    recorder = RunRecorder(tmp_path / "restored.json", {"mode": "checkbullet"})
+
+    with pytest.raises(ValueError, match="sums"):
+        recorder.load_state_dict(state)
+
+    assert recorder.rounds == {}
+
+
+def test_restore_recorder_reports_corrupt_results(tmp_path: Path):
+    state = _recorder(tmp_path, 1).state_dict()
+    state["rounds"][0]["unknown_field"] = 1
+    recorder = RunRecorder(tmp_path / "restored.json", {"mode": "checkbullet"})
+
+    with pytest.raises(CorruptCheckpointError, match="resume=false"):
+        restore_recorder(recorder, state)
 
 
 # End to end: a real run on a local SuperLink, its ServerApp process SIGKILLed.
