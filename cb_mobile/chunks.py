@@ -171,6 +171,8 @@ def compress(data: bytes | memoryview, compressor: Compressor, zstd_level: int =
         The compressor actually used and the payload. The payload is ``data`` itself
         (no copy) when it is stored uncompressed.
     """
+    if compressor is not Compressor.NONE and not _sample_compresses(data, compressor, zstd_level):
+        return Compressor.NONE, data
     if compressor is Compressor.LZ4:
         packed = lz4.block.compress(data, store_size=False)
     elif compressor is Compressor.ZSTD:
@@ -181,6 +183,31 @@ def compress(data: bytes | memoryview, compressor: Compressor, zstd_level: int =
     if len(packed) >= len(data):
         return Compressor.NONE, data
     return compressor, packed
+
+
+SAMPLE_BYTES = 1 << 14
+"""Bytes of the trial compression that decides whether a large chunk is worth compressing."""
+SAMPLE_MIN_GAIN = 0.97
+"""A sample must shrink below this share of its size for the whole chunk to be compressed."""
+
+
+def _sample_compresses(data: bytes | memoryview, compressor: Compressor, zstd_level: int) -> bool:
+    """Return whether compressing ``data`` is worth trying, judged on samples from its start, middle and end.
+
+    Quantized codes of trained weights are close to random bytes, and a compressor
+    spends as long on them as on any other data to gain nothing, so a chunk of more
+    than four samples is compressed only when its samples shrink.
+    """
+    if len(data) <= 4 * SAMPLE_BYTES:
+        return True
+    view = memoryview(data).cast("B")
+    middle = (len(view) - SAMPLE_BYTES) // 2
+    sample = b"".join(bytes(view[start:start + SAMPLE_BYTES]) for start in (0, middle, len(view) - SAMPLE_BYTES))
+    if compressor is Compressor.LZ4:
+        packed = lz4.block.compress(sample, store_size=False)
+    else:
+        packed = _zstd_compressor(zstd_level).compress(sample)
+    return len(packed) < SAMPLE_MIN_GAIN * len(sample)
 
 
 def _pack_header(compressor: Compressor, encoding: Encoding, depth: int, raw_length: int,
@@ -402,7 +429,12 @@ class ChunkReader:
                 f"chunk {path} has chain depth {header.depth}, but the delta that names it as base allows at most "
                 f"{max_depth}", path)
 
-        raw = decompress_payload(header, payload, path)
+        if header.compressor is Compressor.NONE and header.base_id is None:
+            # The payload is the content, whose BLAKE2b-256 is checked against the id
+            # below; that check is stronger than the CRC-32, so the CRC is not computed.
+            raw = payload
+        else:
+            raw = decompress_payload(header, payload, path)
         if header.base_id is not None:
             raw = self._apply_base(header, raw, path)
 

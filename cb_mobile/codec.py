@@ -37,8 +37,10 @@ import json
 import logging
 import math
 import operator
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,13 +57,17 @@ __all__ = [
     "Codec",
     "EncodedTensor",
     "Fp16Codec",
+    "GRID_HEADROOM",
+    "GRID_MIN_SPAN",
     "Int4Codec",
     "Int8Codec",
     "LosslessCodec",
     "MAX_NDIM",
     "MAX_NUMEL",
     "codec_from_config",
+    "codec_workers",
     "decode_tensor",
+    "decode_tensors",
     "encode_tensor",
     "get_codec",
     "quantization_error_bound",
@@ -90,6 +96,16 @@ parallel op waits for its worker threads.
 """
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+GRID_HEADROOM = 1 / 16
+"""Share of a channel's span added on each side when ``int8`` or ``int4`` fits a new
+grid against a reference encoding, so values that drift a little keep the grid."""
+
+GRID_MIN_SPAN = 0.5
+"""Smallest share of a reused grid's span that a channel's values must still cover.
+
+A channel whose values shrank below it is fitted again, so a reused grid never makes
+the quantization step more than twice the exact fit's."""
 
 _QUANTIZABLE_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
 
@@ -128,8 +144,13 @@ class Codec(ABC):
     version: ClassVar[int]
 
     @abstractmethod
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
-        """Encode ``tensor`` into buffers."""
+    def encode(self, tensor: torch.Tensor, reference: EncodedTensor | None = None) -> EncodedTensor:
+        """Encode ``tensor`` into buffers.
+
+        ``reference`` is the previous encoding of the same tensor, for example from the
+        previous checkpoint. A codec may reuse parts of it (the quantizers reuse its
+        grid) so that unchanged values keep their codes; any codec may ignore it.
+        """
 
     @abstractmethod
     def decode(self, encoded: EncodedTensor) -> torch.Tensor:
@@ -273,6 +294,55 @@ def encode_tensor(tensor: torch.Tensor, codec: str | Codec | Mapping[str, Any] =
 def decode_tensor(encoded: EncodedTensor) -> torch.Tensor:
     """Decode ``encoded`` with the codec its own config names."""
     return codec_from_config(_encoded_config(encoded)).decode(encoded)
+
+
+PARALLEL_CODEC_BYTES = 1 << 22
+"""Bytes of float32 values above which a whole checkpoint is encoded or decoded on threads."""
+
+
+def codec_workers() -> int:
+    """Return the threads that encode or decode a large checkpoint: the usable CPUs, at most 4."""
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def decode_tensors(encoded: Mapping[str, EncodedTensor], workers: int | None = None) -> dict[str, torch.Tensor]:
+    """Decode every tensor of a checkpoint with the codec its config names.
+
+    numpy releases the GIL in the dequantize loops, so when the checkpoint is larger
+    than :data:`PARALLEL_CODEC_BYTES` the tensors are decoded on ``workers`` threads
+    (None uses the CPUs this process may run on, at most 4).
+
+    Raises
+    ------
+    CodecError
+        If a tensor does not decode; the message names it.
+    """
+    def decode_one(item: tuple[str, EncodedTensor]) -> torch.Tensor:
+        name, value = item
+        try:
+            return decode_tensor(value)
+        except CodecError as error:
+            raise CodecError(f"tensor {name!r} does not decode: {error}") from error
+
+    def numel(value: EncodedTensor) -> int:
+        # Shapes are checked by the decoder; a malformed one counts as empty here.
+        try:
+            return math.prod(_check_shape(value.shape))
+        except (AttributeError, CodecError):
+            return 0
+
+    items = list(encoded.items())
+    if workers is None:
+        workers = codec_workers()
+    sizes = [numel(value) for _, value in items]
+    if workers <= 1 or len(items) <= 1 or 4 * sum(sizes) < PARALLEL_CODEC_BYTES:
+        return {name: tensor for (name, _), tensor in zip(items, map(decode_one, items))}
+
+    # Large tensors first, so that the last one to finish is small.
+    order = sorted(range(len(items)), key=lambda index: -sizes[index])
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cb-decode") as pool:
+        decoded = dict(zip(order, pool.map(lambda index: decode_one(items[index]), order)))
+    return {name: decoded[index] for index, (name, _) in enumerate(items)}
 
 
 def quantization_error_bound(encoded: EncodedTensor) -> float:
@@ -598,8 +668,8 @@ class LosslessCodec(Codec):
     codec_id: ClassVar[str] = "lossless"
     version: ClassVar[int] = 1
 
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
-        """Copy the bits of ``tensor`` into a ``"codes"`` buffer.
+    def encode(self, tensor: torch.Tensor, reference: EncodedTensor | None = None) -> EncodedTensor:
+        """Copy the bits of ``tensor`` into a ``"codes"`` buffer; ``reference`` is ignored.
 
         The copy contains only this tensor's elements, even when ``tensor`` is a view into a
         larger storage, and later changes to ``tensor`` do not reach it.
@@ -651,7 +721,7 @@ class _FloatCodec(Codec):
     config to that codec.
     """
 
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
+    def encode(self, tensor: torch.Tensor, reference: EncodedTensor | None = None) -> EncodedTensor:
         """Encode a float tensor with this codec, any other dtype losslessly."""
         prepared = _prepare_tensor(tensor, self.codec_id)
         dtype = _dtype_name(prepared.dtype)
@@ -659,7 +729,7 @@ class _FloatCodec(Codec):
         if dtype not in _QUANTIZABLE_DTYPES:
             logger.debug("%s codec stores a %s losslessly", self.codec_id, _describe(dtype, tuple(prepared.shape)))
             return _LOSSLESS.encode(prepared)
-        return self._encode_float(prepared, dtype)
+        return self._encode_float(prepared, dtype, reference)
 
     def decode(self, encoded: EncodedTensor) -> torch.Tensor:
         """Rebuild a new contiguous CPU tensor of the original dtype and shape.
@@ -686,8 +756,8 @@ class _FloatCodec(Codec):
         return shape, layout
 
     @abstractmethod
-    def _encode_float(self, tensor: torch.Tensor, dtype: str) -> EncodedTensor:
-        """Encode a CPU tensor whose dtype is in ``_QUANTIZABLE_DTYPES``."""
+    def _encode_float(self, tensor: torch.Tensor, dtype: str, reference: EncodedTensor | None) -> EncodedTensor:
+        """Encode a CPU tensor whose dtype is in ``_QUANTIZABLE_DTYPES``, possibly reusing ``reference``."""
 
     @abstractmethod
     def _decode_float(self, encoded: EncodedTensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -755,7 +825,7 @@ class Fp16Codec(_FloatCodec):
             absolute += bfloat16.tiny * bfloat16.eps / 2
         return relative * peak * (1 + 2.0**-10) + absolute
 
-    def _encode_float(self, tensor: torch.Tensor, dtype: str) -> EncodedTensor:
+    def _encode_float(self, tensor: torch.Tensor, dtype: str, reference: EncodedTensor | None) -> EncodedTensor:
         shape = tuple(tensor.shape)
         half = _empty_tensor(shape, torch.float16)
         half.copy_(tensor if tensor.dtype == torch.float16 else self._limit_range(tensor, dtype))
@@ -900,17 +970,44 @@ class _AffineCodec(_FloatCodec):
 
     # Encoding.
 
-    def _encode_float(self, tensor: torch.Tensor, dtype: str) -> EncodedTensor:
+    def _encode_float(self, tensor: torch.Tensor, dtype: str, reference: EncodedTensor | None) -> EncodedTensor:
         shape = tuple(tensor.shape)
-        codes, minimum, scale = self._quantize(tensor, dtype)
+        previous = self._reference_grid(reference, shape, dtype)
+        codes, minimum, scale = self._quantize(tensor, dtype, previous)
         buffers = {"codes": self._pack(codes), "scale": scale, "minimum": minimum}
         return EncodedTensor(self.get_config(), shape, dtype, buffers)
 
-    def _quantize(self, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _reference_grid(self, reference: EncodedTensor | None, shape: tuple[int, ...],
+                        dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return the ``(minimum, scale)`` of ``reference`` when it is a valid encoding of the same tensor, else None.
+
+        Only the config, shape, dtype and the ``"minimum"`` and ``"scale"`` buffers of
+        ``reference`` are read, so a caller may drop its ``"codes"`` to save memory.
+        """
+        if reference is None:
+            return None
+        if (not isinstance(reference, EncodedTensor) or reference.codec != self.get_config()
+                or tuple(reference.shape) != shape or reference.dtype != dtype
+                or not isinstance(reference.buffers, Mapping)):
+            return None
+
+        rows, _ = self.channel_layout(shape)
+        try:
+            minimum = _buffer(reference, self.codec_id, "minimum", np.float32, rows)
+            scale = _buffer(reference, self.codec_id, "scale", np.float32, rows)
+        except (CodecError, KeyError):
+            return None
+        if not (np.isfinite(minimum).all() and np.isfinite(scale).all() and (scale >= 0).all()):
+            return None
+        return minimum, scale
+
+    def _quantize(self, tensor: torch.Tensor, dtype: str,
+                  previous: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantize ``tensor`` and return its codes, minimum and scale.
 
         The codes are in row-major order, zero-padded to whole bytes. The minimum and
-        scale are float32 arrays with one value per channel.
+        scale are float32 arrays with one value per channel. ``previous`` is the
+        ``(minimum, scale)`` of a previous encoding; see :meth:`_channel_grid`.
         """
         rows, width = self.channel_layout(tuple(tensor.shape))
         matrix = tensor.reshape(rows, width)
@@ -937,7 +1034,9 @@ class _AffineCodec(_FloatCodec):
                     low, high = values.min(axis=1), values.max(axis=1)
                 else:
                     low, high = _row_range(matrix[row_start])
-                minimum[channels], scale[channels] = self._channel_ranges(low, high, tensor, dtype)
+                minimum[channels], scale[channels] = self._channel_grid(
+                    low, high, tensor, dtype,
+                    None if previous is None else (previous[0][channels], previous[1][channels]))
 
             divisor = np.where(scale[channels] > 0, scale[channels], np.float32(1))
             np.subtract(values, minimum[channels, None], out=block)
@@ -946,6 +1045,48 @@ class _AffineCodec(_FloatCodec):
             np.clip(block, 0, self.levels, out=block)
             np.copyto(grid[channels, columns], block, casting="unsafe")
         return codes, minimum, scale
+
+    def _channel_grid(
+        self, low: np.ndarray, high: np.ndarray, tensor: torch.Tensor, dtype: str,
+        grid: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the float32 minimum and scale of channels spanning ``low`` to ``high``.
+
+        Without ``grid`` each channel gets the exact fit of :meth:`_channel_ranges`.
+        With the ``(minimum, scale)`` of a previous encoding, a channel keeps that grid
+        while its values lie inside it (within a quarter step) and span at least :data:`GRID_MIN_SPAN` of it,
+        so a value that did not move keeps its code and a delta against the previous
+        codes is mostly zeros. Any other channel is fitted again, widened by
+        :data:`GRID_HEADROOM` of its span on each side so that it keeps its new grid
+        while its values drift a little. Reusing or widening a grid keeps the error
+        bound of half a step, with a step up to ``1 + 2 * GRID_HEADROOM`` times (or,
+        for a shrinking channel, ``1 / GRID_MIN_SPAN`` times) the exact fit's.
+        """
+        if grid is None:
+            return self._channel_ranges(low, high, tensor, dtype)
+
+        low = np.asarray(low, dtype=np.float64)
+        high = np.asarray(high, dtype=np.float64)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise self._non_finite_error(tensor, dtype)
+
+        old_minimum = grid[0].astype(np.float64)
+        old_step = grid[1].astype(np.float64)
+        old_span = self.levels * old_step
+        # The top is computed as the decoder computes it, in float32. A value up to a
+        # quarter step beyond either end is clamped to the end code, an error below
+        # the half-step bound; that slack also keeps an exact fit whose float32 top
+        # rounded just below the channel's maximum.
+        old_top = (grid[0] + np.float32(self.levels) * grid[1]).astype(np.float64)
+        slack = old_step / 4
+        keep = ((grid[1] > 0) & (low >= old_minimum - slack) & (high <= old_top + slack)
+                & (high - low >= GRID_MIN_SPAN * old_span))
+
+        pad = GRID_HEADROOM * (high - low)
+        minimum, scale = self._channel_ranges(low - pad, high + pad, tensor, dtype)
+        minimum[keep] = grid[0][keep]
+        scale[keep] = grid[1][keep]
+        return minimum, scale
 
     def _channel_ranges(
         self, low: np.ndarray, high: np.ndarray, tensor: torch.Tensor, dtype: str

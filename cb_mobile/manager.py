@@ -19,13 +19,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from cb_mobile.codec import Codec, EncodedTensor, codec_from_config, get_codec
+from cb_mobile.codec import (
+    PARALLEL_CODEC_BYTES,
+    Codec,
+    EncodedTensor,
+    codec_workers,
+    decode_tensors,
+    get_codec,
+)
 from cb_mobile.errors import (
     CheckpointError,
     CodecError,
@@ -231,6 +239,8 @@ class CheckpointManager:
         self.last_result: CommitResult | None = None
         self.last_timing: CheckpointTiming | None = None
         self._committed_step: int | None = None
+        # Quantization grids of the last committed checkpoint, by tensor name.
+        self._grids: dict[str, EncodedTensor] = {}
 
         self._stats = ManagerStats()
         self._last_mark = time.perf_counter()
@@ -435,20 +445,45 @@ class CheckpointManager:
             self.steps_since_checkpoint = 0
             raise
         commit_done = time.perf_counter()
+        if result.committed:
+            self._remember_grids(encoded)
 
         timing = CheckpointTiming(snapshot_done - start, encode_done - snapshot_done, commit_done - encode_done)
         self._account(result, timing, reason)
         return result
 
     def _encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, EncodedTensor]:
-        encoded = {}
-        for name, tensor in tensors.items():
+        def encode_one(name: str) -> EncodedTensor:
+            tensor = tensors[name]
             codec = self._codecs[tensor_role(name, tensor)]
             try:
-                encoded[name] = codec.encode(tensor)
+                return codec.encode(tensor, self._grids.get(name))
             except CodecError as error:
                 raise CodecError(f"encoding tensor {name!r} with {codec.get_config()} failed: {error}") from error
-        return encoded
+
+        # numpy releases the GIL in the quantize loops, so a large state is encoded on
+        # threads, largest tensors first.
+        names = list(tensors)
+        workers = codec_workers()
+        if workers <= 1 or sum(tensor.numel() * 4 for tensor in tensors.values()) < PARALLEL_CODEC_BYTES:
+            return {name: encode_one(name) for name in names}
+        order = sorted(names, key=lambda name: -tensors[name].numel())
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cb-encode") as pool:
+            encoded = dict(zip(order, pool.map(encode_one, order)))
+        return {name: encoded[name] for name in names}
+
+    def _remember_grids(self, encoded: Mapping[str, EncodedTensor]) -> None:
+        """Keep the quantization grid of each committed tensor as the reference of its next encoding.
+
+        Only the side buffers are kept, not the codes, so the memory this takes is one
+        scale and one minimum per channel.
+        """
+        self._grids = {
+            name: EncodedTensor(item.codec, item.shape, item.dtype,
+                                {key: value for key, value in item.buffers.items() if key in ("scale", "minimum")})
+            for name, item in encoded.items()
+            if "scale" in item.buffers and "minimum" in item.buffers
+        }
 
     def _account(self, result: CommitResult, timing: CheckpointTiming, reason: str) -> None:
         measured = timing.total_seconds
@@ -650,7 +685,7 @@ class CheckpointManager:
         timer.load_seconds += read_done - start
 
         try:
-            tensors = {name: codec_from_config(item.codec).decode(item) for name, item in encoded.items()}
+            tensors = decode_tensors(encoded)
             state = unflatten_state(tensors, meta)
         except (CodecError, CorruptCheckpointError) as error:
             logger.warning(

@@ -60,6 +60,15 @@ LayoutLoader = Callable[[Manifest, ChunkReader, str], tuple[TensorSpec, ...]]
 PACK_KEY = ("", "pack")
 """Key of the pack stream among buffer keys; tensor names are never empty, so it cannot clash."""
 LAYOUT_KEY = ("", "layout")
+LARGE_CHUNK_BYTES = 1 << 20
+"""Chunks of at least this size follow at most :data:`LARGE_CHUNK_CHAIN` deltas.
+
+A read decodes every base of a chain, so a chain of large chunks costs as many full
+reads of a large buffer; small chunks (the pack of a small model) can afford the
+store's longer chains."""
+LARGE_CHUNK_CHAIN = 4
+PARALLEL_BYTES = 1 << 20
+"""Bytes of a commit or read below which chunks are hashed and encoded on the calling thread."""
 
 
 @dataclass
@@ -177,7 +186,10 @@ class CommitPlanner:
         bases = BaseSource(previous, previous_path, base_cache, ChunkReader(self.chunks_dir), self.chunk_bytes,
                            self.max_delta_chain, self.load_layout)
 
-        with thread_pool(self.workers) as pool:
+        # Threads pay off only when there is more than a few hundred microseconds of
+        # hashing to share; starting them costs about that much.
+        workers = self.workers if sum(len(piece.content) for piece in pieces) >= PARALLEL_BYTES else 1
+        with thread_pool(workers) as pool:
             ids = list(pool.map(lambda piece: chunk_id_of(piece.content), pieces))
             tasks = self._new_chunk_tasks(plan, bases, pieces, ids)
             encoded = list(pool.map(lambda task: self._encode_chunk(*task), tasks))
@@ -381,7 +393,8 @@ class BaseSource:
             return None
         chunk_id = ids[index]
         record = self.manifest.chunks[chunk_id]
-        if record.depth + 1 > self.max_chain or record.raw_bytes != length:
+        limit = self.max_chain if length < LARGE_CHUNK_BYTES else min(self.max_chain, LARGE_CHUNK_CHAIN)
+        if record.depth + 1 > limit or record.raw_bytes != length:
             return None
 
         content = self._content(key, index, chunk_id, length)

@@ -78,7 +78,7 @@ from cb_mobile.manifest import (
     tensor_name_problem,
     validate_device_id,
 )
-from cb_mobile.planner import BaseCache, CommitPlanner, Item, Plan, record_of, thread_pool
+from cb_mobile.planner import PARALLEL_BYTES, BaseCache, CommitPlanner, Item, Plan, record_of, thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -310,10 +310,12 @@ class CheckpointStore:
     cap_bytes : int or None, default None
         Most bytes this device's checkpoints may take, counted by :meth:`size_bytes`.
         None means no cap.
-    chunk_bytes : int, default 256 KiB
-        Chunk size. Smaller chunks find more duplicates; larger chunks cost fewer files.
-    max_delta_chain : int, default 4
-        Maximum length of a delta chain. 0 stores every chunk in full.
+    chunk_bytes : int, default 4 MiB
+        Chunk size. Smaller chunks find more duplicates; larger chunks cost fewer files,
+        and so fewer file creations, renames and fsyncs per commit.
+    max_delta_chain : int, default 16
+        Maximum length of a delta chain. 0 stores every chunk in full. Chunks of 1 MiB
+        or more follow at most 4 deltas, because a read decodes every base of a chain.
     retain_best : int, default 1
         Number of lowest-loss checkpoints of the latest model version that eviction
         keeps, counted over the checkpoints since that version began.
@@ -322,7 +324,7 @@ class CheckpointStore:
         that do not need durability against power loss.
     full_compressor : {"lz4", "zstd", "none"}, default "lz4"
         Compressor tried on full chunks; a chunk is stored raw when compression does not
-        make it smaller.
+        make it smaller, or when a trial on samples of a large chunk shows no gain.
     delta_compressor : {"zstd", "lz4", "none"}, default "zstd"
         Compressor tried on delta chunks.
     zstd_level : int, default 3
@@ -345,7 +347,7 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | os.PathLike, *, device_id: str = "device-0", cap_bytes: int | None = None,
-                 chunk_bytes: int = 1 << 18, max_delta_chain: int = 4, retain_best: int = 1, fsync: bool = True,
+                 chunk_bytes: int = 1 << 22, max_delta_chain: int = 16, retain_best: int = 1, fsync: bool = True,
                  full_compressor: str = "lz4", delta_compressor: str = "zstd", zstd_level: int = 3,
                  workers: int | None = None, pack_below: int | None = None, create: bool = True) -> None:
         self.root = Path(root)
@@ -809,7 +811,8 @@ class CheckpointStore:
                                              f"which holds {len(content)}", path)
             view[:] = content
 
-        with thread_pool(self.workers) as pool:
+        workers = self.workers if len(copies) > 1 and sum(len(view) for view, _ in copies) >= PARALLEL_BYTES else 1
+        with thread_pool(workers) as pool:
             for _ in pool.map(copy_chunk, copies):
                 pass
 

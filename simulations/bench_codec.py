@@ -9,7 +9,10 @@ figure is a ratio of two measurements taken side by side:
 - encode throughput (snapshot, encode and durable commit) against ``torch.save`` with
   and without fsync;
 - decode throughput (read, verify and decode) against ``torch.load(weights_only=True)``,
-  both from warm files because the page cache cannot be dropped portably;
+  cold (both sides' files evicted from the page cache with ``posix_fadvise``, as after
+  the reboot or power loss that precedes a recovery) and warm;
+- the empirical entropy of the int8 code deltas between consecutive checkpoints, the
+  bound on what any order-0 coder of those deltas can store them in;
 - the test MSE of training resumed from a quantized checkpoint against the
   uninterrupted run.
 
@@ -37,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cb_mobile.codec import EncodedTensor, codec_from_config, get_codec
+from cb_mobile.codec import EncodedTensor, codec_from_config, decode_tensors, get_codec
 from cb_mobile.data import SITES, TrafficDataset
 from cb_mobile.errors import CheckpointError
 from cb_mobile.interval import IntervalPolicy
@@ -356,9 +359,68 @@ def read_and_decode(root: Path) -> tuple[float, TrainingState]:
     store = CheckpointStore(root, device_id=DEVICE_ID)
     newest = store.checkpoints()[-1]
     encoded, meta = store.read(newest.checkpoint_id)
-    tensors = {name: codec_from_config(item.codec).decode(item) for name, item in encoded.items()}
-    state = unflatten_state(tensors, meta)
+    state = unflatten_state(decode_tensors(encoded), meta)
     return time.perf_counter() - start, state
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop the cached pages of ``path``, or of every file under it, as a reboot or power loss would.
+
+    The files must have been fsynced: ``POSIX_FADV_DONTNEED`` drops clean pages only.
+    """
+    files = [path] if path.is_file() else [item for item in path.rglob("*") if item.is_file()]
+    for item in files:
+        descriptor = os.open(item, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def code_delta_entropy(root: Path) -> dict[str, float]:
+    """Measure the empirical entropy of the code deltas between consecutive checkpoints of a store.
+
+    For each model tensor stored with a one-byte-per-code codec, the delta is the new
+    codes minus the previous checkpoint's codes, mod 256. Its order-0 empirical entropy,
+    in bits per code, times the number of codes, is what any compressor of the deltas
+    that treats codes as independent symbols needs at least.
+
+    Returns
+    -------
+    dict
+        ``bits_per_code`` (averaged over all codes of all pairs), ``bound_bytes_per_checkpoint``
+        and ``zero_share`` (share of codes that did not move).
+    """
+    store = CheckpointStore(root, device_id=DEVICE_ID, create=False)
+    previous: dict[str, np.ndarray] | None = None
+    bits = codes_total = zeros = 0.0
+    pairs = 0
+    for info in store.checkpoints():
+        encoded, _ = store.read(info.checkpoint_id)
+        current = {
+            name: item.buffers["codes"]
+            for name, item in encoded.items()
+            if name.startswith("model/") and item.codec.get("id") == "int8"
+        }
+        if previous is not None:
+            pairs += 1
+            for name, codes in current.items():
+                if name not in previous or previous[name].shape != codes.shape:
+                    continue
+                delta = np.subtract(codes, previous[name])
+                counts = np.bincount(delta, minlength=256).astype(np.float64)
+                probabilities = counts[counts > 0] / delta.size
+                bits += float(-(probabilities * np.log2(probabilities)).sum()) * delta.size
+                codes_total += delta.size
+                zeros += float(counts[0])
+        previous = current
+    if not codes_total:
+        return {"bits_per_code": float("nan"), "bound_bytes_per_checkpoint": float("nan"), "zero_share": float("nan")}
+    return {
+        "bits_per_code": bits / codes_total,
+        "bound_bytes_per_checkpoint": bits / 8 / pairs,
+        "zero_share": zeros / codes_total,
+    }
 
 
 def max_relative_error(decoded: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
@@ -519,6 +581,8 @@ class SeriesResult:
     torch_save_seconds: dict[str, list[float]]
     torch_load_seconds: dict[str, list[float]]
     decode_seconds: dict[str, list[float]]
+    torch_load_cold_seconds: dict[str, list[float]]
+    decode_cold_seconds: dict[str, list[float]]
     reference_mse: float
     reference_mse_half: float
     reference_state: dict[str, torch.Tensor]
@@ -622,6 +686,7 @@ def describe_config(config: SeriesConfig) -> dict[str, Any]:
         checkpoint_seconds_first_quarter=median(config.seconds[:quarter]),
         checkpoint_seconds_last_quarter=median(config.seconds[-quarter:]),
         newest_buffer_bytes=buffer_bytes_by_role(store.read(newest.checkpoint_id)[0]),
+        code_delta_entropy=code_delta_entropy(config.root),
     )
     return report
 
@@ -700,13 +765,20 @@ def run_series(task: TraceTask, options: BenchOptions, root: Path) -> tuple[Seri
     # Decode the newest checkpoint of each configuration against torch.load of the newest file.
     last_step = (options.steps // options.interval) * options.interval
     decode_seconds: dict[str, list[float]] = {}
+    decode_cold_seconds: dict[str, list[float]] = {}
     load_seconds: dict[str, list[float]] = {"model": [], "full": []}
+    load_cold_seconds: dict[str, list[float]] = {"model": [], "full": []}
     for _ in range(options.repeats):
         for config in configs:
             if config.error is None:
                 decode_seconds.setdefault(config.name, []).append(read_and_decode(config.root)[0])
+                evict_from_page_cache(config.root)
+                decode_cold_seconds.setdefault(config.name, []).append(read_and_decode(config.root)[0])
         for name in load_seconds:
-            load_seconds[name].append(load_torch(root / "torch-save" / f"{name}-{last_step:06d}.pt")[0])
+            torch_path = root / "torch-save" / f"{name}-{last_step:06d}.pt"
+            load_seconds[name].append(load_torch(torch_path)[0])
+            evict_from_page_cache(torch_path)
+            load_cold_seconds[name].append(load_torch(torch_path)[0])
 
     config_report = {config.name: describe_config(config) for config in configs}
 
@@ -720,6 +792,8 @@ def run_series(task: TraceTask, options: BenchOptions, root: Path) -> tuple[Seri
         torch_save_seconds=collected["torch_save_seconds"],
         torch_load_seconds=load_seconds,
         decode_seconds=decode_seconds,
+        torch_load_cold_seconds=load_cold_seconds,
+        decode_cold_seconds=decode_cold_seconds,
         reference_mse=test_mse(model, task),
         reference_mse_half=reference_mse_half,
         reference_state={key: value.detach().clone() for key, value in model.state_dict().items()},
@@ -871,6 +945,9 @@ def run_big_state(options: BenchOptions, root: Path) -> dict[str, Any]:
             "decode_fresh",
             "decode_incremental",
             "torch_load",
+            "decode_fresh_cold",
+            "decode_incremental_cold",
+            "torch_load_cold",
             "recover_fresh",
         )
     }
@@ -909,6 +986,20 @@ def run_big_state(options: BenchOptions, root: Path) -> dict[str, Any]:
         seconds, loaded = load_torch(root / "torch-fsync.pt")
         samples["torch_load"].append(seconds)
         errors["torch_load"].append(max_relative_error(loaded, reference))
+        del loaded
+
+        # Cold reads: the page cache is gone after a reboot or power loss.
+        evict_from_page_cache(fresh_root)
+        seconds, state = read_and_decode(fresh_root)
+        samples["decode_fresh_cold"].append(seconds)
+        del state
+        evict_from_page_cache(incremental_root)
+        seconds, state = read_and_decode(incremental_root)
+        samples["decode_incremental_cold"].append(seconds)
+        del state
+        evict_from_page_cache(root / "torch-fsync.pt")
+        seconds, loaded = load_torch(root / "torch-fsync.pt")
+        samples["torch_load_cold"].append(seconds)
         del loaded
 
         recover_manager = open_manager(fresh_root, model, None, codec=options.codec)
@@ -1169,12 +1260,23 @@ def series_throughput_figures(series: SeriesResult) -> list[Figure]:
         )
         figures.append(
             throughput_figure(
+                f"decode/lstm/{name}/cold",
+                f"decode LSTM {config['label']}, cold",
+                nbytes,
+                series.decode_cold_seconds[name],
+                series.torch_load_cold_seconds[baseline_name],
+                "torch.load, cold",
+            )
+        )
+        figures.append(
+            throughput_figure(
                 f"decode/lstm/{name}",
-                f"decode LSTM {config['label']}",
+                "  same, warm page cache",
                 nbytes,
                 series.decode_seconds[name],
                 series.torch_load_seconds[baseline_name],
-                "torch.load",
+                "torch.load, warm",
+                informational=True,
             )
         )
     return figures
@@ -1225,20 +1327,38 @@ def big_state_figures(big: dict[str, Any]) -> list[Figure]:
             "torch.save+fsync",
         ),
         throughput_figure(
+            "decode/big/fresh/cold",
+            f"decode {size}, fresh store, cold",
+            nbytes,
+            samples["decode_fresh_cold"],
+            samples["torch_load_cold"],
+            "torch.load, cold",
+        ),
+        throughput_figure(
             "decode/big/fresh",
-            f"decode {size}, fresh store",
+            "  same, warm page cache",
             nbytes,
             samples["decode_fresh"],
             samples["torch_load"],
-            "torch.load",
+            "torch.load, warm",
+            informational=True,
+        ),
+        throughput_figure(
+            "decode/big/incremental/cold",
+            f"decode {size}, after a checkpoint, cold",
+            nbytes,
+            samples["decode_incremental_cold"],
+            samples["torch_load_cold"],
+            "torch.load, cold",
         ),
         throughput_figure(
             "decode/big/incremental",
-            f"decode {size}, after a checkpoint",
+            "  same, warm page cache",
             nbytes,
             samples["decode_incremental"],
             samples["torch_load"],
-            "torch.load",
+            "torch.load, warm",
+            informational=True,
         ),
         throughput_figure(
             "recover/big/fresh",
@@ -1324,8 +1444,10 @@ def print_table(figures: Sequence[Figure]) -> None:
     print()
     print("* headline figure. Storage ratio = torch.save bytes / store bytes on disk; throughput ratio =")
     print("cb_mobile MB/s / baseline MB/s of the median times ('best': of the fastest repetitions); encode targets")
-    print("compare with torch.save + fsync of the file and its folder (both durable). Decode and torch.load both")
-    print("read warm files from the page cache. MSE ratio = |resumed - uninterrupted| / uninterrupted.")
+    print("compare with torch.save + fsync of the file and its folder (both durable). Decode targets are cold:")
+    print("both sides read after their files were evicted from the page cache (posix_fadvise DONTNEED), because")
+    print("recovery follows a reboot or power loss, which empties the cache; a warm torch.load is a memory copy.")
+    print("MSE ratio = |resumed - uninterrupted| / uninterrupted.")
 
 
 def print_details(report: Mapping[str, Any]) -> None:
@@ -1348,6 +1470,13 @@ def print_details(report: Mapping[str, Any]) -> None:
         )
         roles = ", ".join(f"{role} {nbytes} B" for role, nbytes in config["newest_buffer_bytes"].items() if nbytes)
         print(f"    newest checkpoint before chunking and compression: {roles}")
+        entropy = config["code_delta_entropy"]
+        if math.isfinite(entropy["bits_per_code"]):
+            print(
+                f"    int8 code deltas between checkpoints: {entropy['bits_per_code']:.2f} bits per code "
+                f"(order-0 entropy), {entropy['zero_share']:.0%} unchanged; entropy bound "
+                f"{entropy['bound_bytes_per_checkpoint']:.0f} B of model codes per checkpoint"
+            )
 
     big = report.get("big_state")
     if big:
@@ -1408,7 +1537,8 @@ def run(options: BenchOptions, workdir: Path, argv: Sequence[str]) -> dict[str, 
 
     figures = storage_figures(series) + series_throughput_figures(series)
     if big is not None:
-        figures += big_state_figures(big)
+        headlines = {"encode/big/fresh", "decode/big/fresh/cold"}
+        figures += [replace(figure, headline=figure.key in headlines) for figure in big_state_figures(big)]
     figures += resume_figures(resumed, options.codec)
 
     series_report = asdict(series)

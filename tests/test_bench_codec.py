@@ -59,8 +59,10 @@ def test_smoke_figures_present(smoke):
         "storage/full-lossless",
         "encode/lstm/model",
         "decode/lstm/model",
+        "decode/lstm/model/cold",
         "encode/big/fresh",
         "decode/big/fresh",
+        "decode/big/fresh/cold",
         "resume/int8",
         "resume/lossless",
     ):
@@ -151,3 +153,35 @@ def test_max_relative_error_missing_key():
 def test_max_relative_error_value():
     error = bench_codec.max_relative_error({"weight": torch.tensor([1.0, 2.1])}, {"weight": torch.tensor([1.0, 2.0])})
     assert error == pytest.approx(0.05)
+
+
+def test_smoke_decode_headline_cold(smoke):
+    _, report, _, _ = smoke
+    headlines = [figure["key"] for figure in report["figures"] if figure["headline"] and figure["key"].startswith("decode")]
+    assert headlines == ["decode/big/fresh/cold"]
+
+
+def test_smoke_entropy_bound_reported(smoke):
+    _, report, _, _ = smoke
+    entropy = report["series"]["configs"]["model"]["code_delta_entropy"]
+    assert 0.0 <= entropy["bits_per_code"] <= 8.0
+
+
+def test_code_delta_entropy_unchanged_is_zero(tmp_path):
+    model = torch.nn.Linear(8, 8)
+    manager = bench_codec.open_manager(tmp_path, model, None, codec="int8")
+    manager.checkpoint()
+    manager.checkpoint()
+
+    entropy = bench_codec.code_delta_entropy(tmp_path)
+
+    assert entropy["bits_per_code"] == 0.0
+
+
+def test_evict_keeps_content(tmp_path):
+    path = tmp_path / "state.pt"
+    bench_codec.save_torch({"w": torch.arange(4.0)}, path, durable=True)
+
+    bench_codec.evict_from_page_cache(tmp_path)
+
+    assert torch.equal(bench_codec.load_torch(path)[1]["w"], torch.arange(4.0))

@@ -26,6 +26,7 @@ from cb_mobile.codec import (
     LosslessCodec,
     codec_from_config,
     decode_tensor,
+    decode_tensors,
     encode_tensor,
     get_codec,
     quantization_error_bound,
@@ -326,7 +327,9 @@ def test_channel_error_within_half_step(name, dtype):
     encoded, decoded = round_trip(tensor, name)
     errors = (tensor.double() - decoded.double()).abs().reshape(16, -1).amax(dim=1).numpy()
     half_step = encoded.buffers["scale"].astype(np.float64) / 2
-    rounding = 4 * torch.finfo(dtype).eps * tensor.double().abs().reshape(16, -1).amax(dim=1).numpy()
+    # The codec computes in float32, so float64 tensors get float32 rounding too.
+    eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    rounding = 4 * eps * tensor.double().abs().reshape(16, -1).amax(dim=1).numpy()
 
     assert (errors <= half_step + rounding).all()
 
@@ -735,3 +738,130 @@ def test_error_bound_checks_buffers():
 
     with pytest.raises(CodecError):
         quantization_error_bound(without_buffer(encoded, "scale"))
+
+
+# Stable quantization grid against a reference encoding.
+
+
+def spread(rows: int, width: int) -> torch.Tensor:
+    """Return random weights whose row extremes (-3 and 3) sit in the last two columns."""
+    weights = torch.randn(rows, width).clamp(-2.5, 2.5)
+    weights[:, -2], weights[:, -1] = -3.0, 3.0
+    return weights
+
+
+def drifted(tensor: torch.Tensor, moved: int, step: float = 1e-3) -> torch.Tensor:
+    """Return a copy of ``tensor`` whose first ``moved`` values of each row moved by ``step``."""
+    copy = tensor.clone()
+    copy[:, :moved] += step
+    return copy
+
+
+def test_reference_keeps_grid():
+    weights = spread(8, 64)
+    first = encode_tensor(weights, "int8")
+
+    second = Int8Codec().encode(drifted(weights, 4) * 0.99, first)
+
+    assert np.array_equal(second.buffers["scale"], first.buffers["scale"])
+
+
+def test_reference_keeps_unchanged_codes():
+    weights = spread(8, 64)
+    first = encode_tensor(weights, "int8")
+
+    second = Int8Codec().encode(drifted(weights, 4), first)
+
+    assert np.array_equal(second.buffers["codes"].reshape(8, 64)[:, 4:], first.buffers["codes"].reshape(8, 64)[:, 4:])
+
+
+def test_reference_refits_channel_out_of_range():
+    weights = torch.randn(8, 64)
+    first = encode_tensor(weights, "int8")
+    moved = weights.clone()
+    moved[0, 0] = weights[0].max() + 1.0
+
+    second = Int8Codec().encode(moved, first)
+
+    assert second.buffers["scale"][0] > first.buffers["scale"][0]
+
+
+def test_reference_refits_shrunken_channel():
+    weights = torch.randn(8, 64)
+    first = encode_tensor(weights, "int8")
+
+    second = Int8Codec().encode(weights * 0.3, first)
+
+    assert (second.buffers["scale"] < first.buffers["scale"]).all()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_reference_error_within_bound(name):
+    weights = torch.randn(16, 32)
+    first = encode_tensor(weights, name)
+    moved = weights + 0.05 * torch.randn(16, 32)
+
+    second = get_codec(name).encode(moved, first)
+
+    assert (decode_tensor(second) - moved).abs().max().item() <= quantization_error_bound(second)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        encode_tensor(torch.randn(4, 64), "int8"),
+        encode_tensor(torch.randn(8, 64), "int4"),
+        encode_tensor(torch.randn(8, 64, dtype=torch.float64), "int8"),
+    ],
+    ids=["shape", "codec", "dtype"],
+)
+def test_mismatched_reference_ignored(reference):
+    weights = torch.randn(8, 64)
+
+    encoded = Int8Codec().encode(weights, reference)
+
+    assert np.array_equal(encoded.buffers["scale"], encode_tensor(weights, "int8").buffers["scale"])
+
+
+def test_damaged_reference_ignored():
+    weights = torch.randn(8, 64)
+    reference = encode_tensor(weights, "int8")
+    damaged = with_buffer(reference, "scale", np.full(8, np.nan, dtype=np.float32))
+
+    encoded = Int8Codec().encode(weights, damaged)
+
+    assert np.array_equal(encoded.buffers["scale"], reference.buffers["scale"])
+
+
+def test_reference_needs_no_codes():
+    weights = torch.randn(8, 64)
+    reference = without_buffer(encode_tensor(weights, "int8"), "codes")
+
+    encoded = Int8Codec().encode(weights * 0.99, reference)
+
+    assert np.array_equal(encoded.buffers["scale"], reference.buffers["scale"])
+
+
+def test_reference_nan_rejected():
+    weights = torch.randn(8, 64)
+    reference = encode_tensor(weights, "int8")
+    weights[3, 3] = math.nan
+
+    with pytest.raises(CodecError, match="NaN"):
+        Int8Codec().encode(weights, reference)
+
+
+def test_decode_tensors_parallel():
+    encoded = {f"t{index}": encode_tensor(torch.randn(700, 1000), "int8") for index in range(3)}
+
+    decoded = decode_tensors(encoded, workers=2)
+
+    assert all(torch.equal(decoded[name], decode_tensor(item)) for name, item in encoded.items())
+
+
+def test_decode_tensors_names_tensor():
+    encoded = {"good": encode_tensor(torch.randn(4), "int8"), "bad": encode_tensor(torch.randn(4), "int8")}
+    encoded["bad"] = without_buffer(encoded["bad"], "scale")
+
+    with pytest.raises(CodecError, match="'bad'"):
+        decode_tensors(encoded)

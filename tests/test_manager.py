@@ -657,3 +657,34 @@ def test_sigterm_subprocess_checkpoints(tmp_path):
     assert len(infos) == 1
     assert infos[0].meta["checkpoint_reason"] == "signal SIGTERM"
     assert infos[0].meta["step"] >= 4
+
+
+def test_grid_reused_between_checkpoints(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[:, 0], model[0].weight[:, 1] = -1.0, 1.0
+    manager = _manager(tmp_path, model)
+    manager.checkpoint()
+    with torch.no_grad():
+        model[0].weight[:, 2:].mul_(0.999)
+    manager.checkpoint()
+    store = manager.store
+    first, second = (store.read(info.checkpoint_id)[0] for info in store.checkpoints())
+
+    assert np.array_equal(second["model/0.weight"].buffers["scale"], first["model/0.weight"].buffers["scale"])
+
+
+def test_grid_reused_codes_unchanged(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[:, 0], model[0].weight[:, 1] = -1.0, 1.0
+    manager = _manager(tmp_path, model)
+    manager.checkpoint()
+    with torch.no_grad():
+        model[0].weight[:, 2:].mul_(0.999)
+    manager.checkpoint()
+    store = manager.store
+    first, second = (store.read(info.checkpoint_id)[0] for info in store.checkpoints())
+    moved = np.abs(second["model/0.weight"].buffers["codes"].astype(int) - first["model/0.weight"].buffers["codes"])
+
+    assert moved.max() <= 1

@@ -1055,3 +1055,47 @@ def test_processes_share_root(tmp_path):
 def test_store_module_exports():
     assert store_module.CheckpointStore is CheckpointStore
     assert store_module.CommitResult is CommitResult
+
+
+# Compression trial on samples of large chunks.
+
+
+def test_incompressible_large_chunk_stored_raw():
+    content = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+
+    chunk = encode_full(chunk_id_of(content), content, Compressor.ZSTD)
+
+    assert chunk.compressor is Compressor.NONE
+
+
+def test_compressible_large_chunk_compressed():
+    content = bytes(1 << 20)
+
+    chunk = encode_full(chunk_id_of(content), content, Compressor.LZ4)
+
+    assert chunk.compressor is Compressor.LZ4
+
+
+def test_raw_large_chunk_reads_back(tmp_path):
+    codes = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8)
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.commit({"w": EncodedTensor({"id": "lossless", "version": 1}, (codes.size,), "uint8", {"codes": codes})},
+                 meta())
+
+    tensors, _ = store.read(store.checkpoints()[-1].checkpoint_id)
+
+    assert np.array_equal(tensors["w"].buffers["codes"], codes)
+
+
+def test_raw_chunk_damage_detected(tmp_path):
+    codes = np.random.default_rng(2).integers(0, 256, 3 << 20, dtype=np.uint8)
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.commit({"w": EncodedTensor({"id": "lossless", "version": 1}, (codes.size,), "uint8", {"codes": codes})},
+                 meta())
+    path = max((tmp_path / "chunks").glob("*/*"), key=lambda item: item.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptCheckpointError, match="does not match its id"):
+        store.read(store.checkpoints()[-1].checkpoint_id)
