@@ -258,7 +258,7 @@ class RunRecorder:
             "final_test_mae": self.final_test.get("mae"),
             "final_test_by_site": _by_site(self.final_test),
         }
-        return _finite_or_none(results)
+        return finite_or_none(results)
 
     def write(self) -> Path:
         """Write the results file atomically and return its path."""
@@ -342,14 +342,17 @@ def _by_site(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
     return sites
 
 
-def _finite_or_none(value: Any) -> Any:
-    # JSON has no NaN or Inf; a diverged model's test loss is written as null.
+def finite_or_none(value: Any) -> Any:
+    """Replace NaN and Inf floats, also inside dicts and lists, with None.
+
+    JSON has no NaN or Inf, so a diverged model's test loss is written as null.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     return value
 
 

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from server_app.results import finite_or_none
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -520,17 +522,7 @@ def build_summary(
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
     """Write the summary JSON with NaN and Inf as null."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
-    return value
+    path.write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------
