@@ -434,14 +434,29 @@ class CheckpointStore:
         entries, damaged = self._scan(self.device_id)
         previous = entries[-1] if entries else None
         seq = self._next_seq(previous, damaged)
+
+        # Under a cap, eviction must be able to keep the latest checkpoint, the best
+        # one and the new one. A delta pins its base chain, so once the previous
+        # checkpoint with its chain takes a third of the cap, a new chain starts.
+        base = previous
+        if previous is not None and self.cap_bytes is not None and 3 * _footprint([previous]) > self.cap_bytes:
+            base = None
         plan = self._planner.plan(items, checkpoint_id_for(seq, secrets.token_hex(4)), seq,
-                                  previous.manifest if previous else None, str(previous.path) if previous else None,
-                                  self._base_cache)
+                                  base.manifest if base else None, str(base.path) if base else None,
+                                  self._base_cache if base else None)
         manifest = plan.manifest(self.device_id, meta, self.chunk_bytes, self.pack_below)
         manifest_bytes = manifest.to_bytes()
         new_entry = _Entry(self._manifests_dir / f"{plan.checkpoint_id}.json", manifest, len(manifest_bytes))
 
         skip_reason = self._fit_problem(entries, new_entry)
+        if skip_reason is not None and base is not None:
+            # Delta chunks keep their base chains alive. Planned without bases, the
+            # checkpoint may fit, and the chains of evicted checkpoints can go.
+            plan = self._planner.plan(items, plan.checkpoint_id, seq, None, None, None)
+            manifest = plan.manifest(self.device_id, meta, self.chunk_bytes, self.pack_below)
+            manifest_bytes = manifest.to_bytes()
+            new_entry = _Entry(new_entry.path, manifest, len(manifest_bytes))
+            skip_reason = self._fit_problem(entries, new_entry)
         if skip_reason is not None:
             return self._skip(entries, plan, skip_reason, started)
 

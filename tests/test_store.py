@@ -656,6 +656,24 @@ def test_cap_never_exceeded(tmp_path, rng):
     assert store.stats.evicted > 0
 
 
+def test_cap_delta_chains_never_block_commits(tmp_path, rng):
+    # Small changes give small deltas, so without a bound the chain behind the
+    # latest checkpoint would grow until nothing new fits under the cap.
+    size = 4 * CHUNK
+    cap = 4 * size
+    store = open_store(tmp_path, cap_bytes=cap, max_delta_chain=16)
+    codes = random_codes(rng, size)
+    for step in range(40):
+        codes = codes.copy()
+        codes[rng.integers(0, size, size // 20)] += 1
+        result = store.commit({"w": tensor(codes)}, meta(loss=1.0 / (step + 1)))
+
+        assert result.committed, result.reason
+        assert store.size_bytes() <= cap
+    assert store.stats.chunks_delta > 0
+    assert store.stats.skipped == 0
+
+
 def test_cap_keeps_last_committed(tmp_path, rng):
     store = open_store(tmp_path, cap_bytes=int(1.5 * (3 * CHUNK)), max_delta_chain=0)
     first = store.commit({"w": tensor(random_codes(rng, 3 * CHUNK))}, meta())
