@@ -50,7 +50,7 @@ class RunSettings:
     prior_mtbf_s: float = 3600.0
     codec: str = "int8"
     optimizer_codec: str = "lossless"
-    merge_k: int = 2
+    merge_k: int = 1
     store_root: str = ""
     storage_cap_bytes: int = 2_000_000
     round_deadline_s: float = 600.0
