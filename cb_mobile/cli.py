@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="file to write")
     export.add_argument("--prefix", default="",
                         help="export only tensors whose name starts with PREFIX, with PREFIX removed "
-                             "(for example 'model/' gives a state_dict)")
+                             "(for example 'model/' gives the model's state_dict: the tensors of a "
+                             "safetensors file, or the 'state_dict' entry of a torch file)")
     export.set_defaults(handler=run_export)
 
     commands.add_parser("download", add_help=False,

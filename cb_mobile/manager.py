@@ -521,9 +521,11 @@ class CheckpointManager:
                 result.logical_bytes, cost, decision.steps, decision.rule,
             )
         else:
-            logger.warning(
-                "Device %s skipped checkpoint at step %d (%s): %s",
-                self.device_id, self.step_count, reason, result.reason,
+            # The store already logged the skip as a warning with its reason; this line
+            # only adds the training step.
+            logger.info(
+                "Device %s skipped checkpoint at step %d (%s)",
+                self.device_id, self.step_count, reason,
             )
 
     def _checkpoint_logged(self, reason: str) -> CommitResult | None:
