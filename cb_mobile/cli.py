@@ -88,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_store(root: str, device_id: str = "device-0") -> CheckpointStore:
-    """Open an existing store without creating anything."""
+def open_store(root: str, device_id: str | None = None) -> CheckpointStore:
+    """Open an existing store without creating anything, checking that ``device_id`` has checkpoints there."""
+    if Path(root).is_file():
+        raise CheckpointError(f"{root} is a file; pass the store folder that holds store.json")
     if not Path(root).is_dir():
         raise CheckpointError(f"store folder {root} does not exist")
-    return CheckpointStore(root, device_id=device_id, create=False, fsync=True)
+
+    store = CheckpointStore(root, device_id=device_id or "device-0", create=False, fsync=True)
+    if device_id is not None:
+        devices = list_devices(root)
+        if device_id not in devices:
+            raise CheckpointError(f"device {device_id!r} has no checkpoints under {root}; "
+                                  f"devices found: {', '.join(devices) or 'none'}")
+    return store
 
 
 # ------------------------------------------------------------------- inspect
@@ -100,13 +109,8 @@ def open_store(root: str, device_id: str = "device-0") -> CheckpointStore:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """List checkpoints per device and the store totals."""
-    store = open_store(args.root)
-    devices = list_devices(args.root)
-    if args.device is not None:
-        if args.device not in devices:
-            raise CheckpointError(f"device {args.device!r} has no checkpoints under {args.root}; "
-                                  f"devices found: {', '.join(devices) or 'none'}")
-        devices = [args.device]
+    store = open_store(args.root, args.device)
+    devices = [args.device] if args.device is not None else list_devices(args.root)
 
     report = {device: _device_report(args.root, device) for device in devices}
     usage = store.usage()

@@ -364,12 +364,15 @@ def _newest_mtime(store_dir: Path) -> float | None:
 
 
 def _configure_logging() -> None:
-    # A simulation worker process has no handler for the project's loggers, and
-    # Python drops their INFO records, so the failure and recovery lines get
-    # Flower's console handler here, once per process.
-    package_logger = logging.getLogger("client_app")
-    if package_logger.handlers:
-        return
-    package_logger.setLevel(logging.INFO)
-    package_logger.addHandler(ConsoleHandler(timestamps=False, json=False, colored=False))
-    package_logger.propagate = False
+    # A simulation worker process has no handler for the project's loggers, so
+    # they get Flower's console handler here, once per process. client_app logs
+    # each failure and recovery at INFO. cb_mobile logs every commit and eviction
+    # at INFO, too many lines for hundreds of nodes, so only its warnings (skipped
+    # checkpoints, damaged files, write errors) reach the run's log.
+    for name, level in (("client_app", logging.INFO), ("cb_mobile", logging.WARNING)):
+        package_logger = logging.getLogger(name)
+        if package_logger.handlers:
+            continue
+        package_logger.setLevel(level)
+        package_logger.addHandler(ConsoleHandler(timestamps=False, json=False, colored=False))
+        package_logger.propagate = False

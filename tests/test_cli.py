@@ -152,6 +152,25 @@ def test_export_safetensors(root, tmp_path, weights):
     assert json.loads(metadata["meta"])["step"] == 5
 
 
+def test_export_unknown_device(root, tmp_path, capsys):
+    code = main(["export", str(root), "--device", "1", "--format", "torch", "-o", str(tmp_path / "state.pt")])
+    error = capsys.readouterr().err
+
+    assert code == 2
+    assert "device '1' has no checkpoints" in error
+    assert "phone-1" in error
+
+
+def test_file_instead_of_store(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a store")
+
+    code = main(["verify", str(path)])
+
+    assert code == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_export_missing_checkpoint(root, tmp_path, capsys):
     code = main(["export", str(root), "--device", "phone-1", "--checkpoint", "00000099-00000000",
                  "--format", "torch", "-o", str(tmp_path / "x.pt")])
