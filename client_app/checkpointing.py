@@ -35,11 +35,12 @@ from cb_mobile.errors import CheckpointError, NoValidCheckpointError
 from cb_mobile.interval import IntervalPolicy
 from cb_mobile.manager import CheckpointManager
 from cb_mobile.store import CheckpointStore, CommitResult
+from server_app.config import RunSettings
 
 logger = logging.getLogger(__name__)
 
 FULL_CHECKPOINT_SUFFIX = ".pt"
-DEFAULT_PRIOR_MTBF_S = 3600.0
+DEFAULT_PRIOR_MTBF_S = RunSettings.prior_mtbf_s
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def build_interval_policy(
     *,
     device_id: str,
 ) -> IntervalPolicy:
-    """Return the interval policy of one round, told every failure the node has observed.
+    """Build the interval policy of one round and feed it every failure the node has observed.
 
     Parameters
     ----------

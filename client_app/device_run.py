@@ -65,11 +65,10 @@ from client_app.checkpointing import (
     RestoredState,
     full_state_bytes,
 )
+from server_app.config import MODES, OPTIMIZERS, RunSettings
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("checkbullet", "fedavg", "full-checkpoint")
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 NODE_MEMORY_FORMAT = "cb_mobile.node_memory"
 NODE_MEMORY_VERSION = 1
 RELIABLE_DEVICE_FORMAT = "cb_mobile.reliable_device"
@@ -113,20 +112,21 @@ class RoundSettings:
         blended with the restarts the node has observed.
     """
 
-    mode: str = "checkbullet"
-    seed: int = 42
-    local_steps: int = 20
-    batch_size: int = 32
-    learning_rate: float = 0.005
-    optimizer: str = "adam"
-    handset_share: float = 0.7
-    failure_scale: float = 500.0
-    codec: str = "int8"
-    optimizer_codec: str = "lossless"
-    merge_k: int = 1
-    storage_cap_bytes: int = 2_000_000
-    round_deadline_s: float = 600.0
-    prior_mtbf_s: float = 3600.0
+    # The defaults are the run config defaults of the ServerApp, kept in one place.
+    mode: str = RunSettings.mode
+    seed: int = RunSettings.seed
+    local_steps: int = RunSettings.local_steps
+    batch_size: int = RunSettings.batch_size
+    learning_rate: float = RunSettings.learning_rate
+    optimizer: str = RunSettings.optimizer
+    handset_share: float = RunSettings.handset_share
+    failure_scale: float = RunSettings.failure_scale
+    codec: str = RunSettings.codec
+    optimizer_codec: str = RunSettings.optimizer_codec
+    merge_k: int = RunSettings.merge_k
+    storage_cap_bytes: int = RunSettings.storage_cap_bytes
+    round_deadline_s: float = RunSettings.round_deadline_s
+    prior_mtbf_s: float = RunSettings.prior_mtbf_s
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -580,10 +580,10 @@ class DeviceRound:
         return NoCheckpoints(self.profile)
 
     def _policy_hazard_rate(self) -> float | None:
-        """Return the hazard rate the interval policy is told, or None to let it estimate one.
+        """Return the hazard rate passed to the interval policy, or None to let it estimate one.
 
-        A simulated device knows its hazard rate from its failure model. A reliable
-        device (failure scale 0) stands for a real one whose failures are unknown in
+        A simulated device takes its hazard rate from its failure model. A reliable
+        device (failure scale 0) models a real one whose failures are unknown in
         advance, so its policy estimates the rate from ``prior_mtbf_s`` and the
         node's observed restarts.
         """
