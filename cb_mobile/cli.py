@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_store(root: str, device_id: str | None = None) -> CheckpointStore:
     """Open an existing store without creating anything, checking that ``device_id`` has checkpoints there."""
     if Path(root).is_file():
-        raise CheckpointError(f"{root} is a file; pass the store folder that holds store.json")
+        raise CheckpointError(f"{root} is a file; pass the store folder that contains store.json")
     if not Path(root).is_dir():
         raise CheckpointError(f"store folder {root} does not exist")
 

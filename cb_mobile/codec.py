@@ -123,7 +123,7 @@ class EncodedTensor:
     dtype : str
         Torch dtype name of the original tensor, for example ``"float32"``.
     buffers : dict of str to numpy.ndarray
-        Named contiguous arrays. ``"codes"`` holds the bulk of the data.
+        Named contiguous arrays. ``"codes"`` contains the bulk of the data.
     """
 
     codec: dict[str, Any]

@@ -28,7 +28,7 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class NoValidCheckpointError(CheckpointError):
-    """The store holds no checkpoint that passes verification."""
+    """The store contains no checkpoint that passes verification."""
 
 
 class StoreWriteError(CheckpointError):
